@@ -51,7 +51,6 @@ from pathlib import Path
 from typing import Callable
 
 from grouprl import data as data_mod
-from grouprl_core.answers import EVAL, EVAL_DESCRIPTION, extract, lighteval_gold, matches
 
 BENCHMARKS = ("aime24", "math500", "amc23", "minerva", "olympiadbench")
 
@@ -211,9 +210,11 @@ def load_benchmark(name: str, data_dir: str | None = None, template: str | None 
 # ----------------------------------------------------------------------------- scoring
 def score_completion(completion: str, example: dict, benchmark: str) -> tuple[bool, str | None]:
     """``(correct, extracted answer)`` of one completion as open-rs's lighteval task for ``benchmark`` scores it."""
-    target, gold = lighteval_gold(benchmark, example["solution"], example.get("reference_solution"))
-    extraction = extract(completion, EVAL)
-    return matches(gold, extraction, EVAL, target), extraction.answer
+    from grouprl_core import answers  # imported here: the grouprl_core package imports torch
+
+    target, gold = answers.lighteval_gold(benchmark, example["solution"], example.get("reference_solution"))
+    extraction = answers.extract(completion, answers.EVAL)
+    return answers.matches(gold, extraction, answers.EVAL, target), extraction.answer
 
 
 def score_benchmark(examples: list[dict], completions: list[list[str]], n: int,
@@ -236,6 +237,12 @@ def score_benchmark(examples: list[dict], completions: list[list[str]], n: int,
     var = sum((x - mean) ** 2 for x in per_problem) / (p - 1) if p > 1 else 0.0
     return {"pass@1": 100 * mean, "stderr": 100 * math.sqrt(var / p) if p else float("nan"),
             "problems": p, "n": n}, rows
+
+
+def _scoring_description() -> str:
+    from grouprl_core.answers import EVAL_DESCRIPTION
+
+    return EVAL_DESCRIPTION
 
 
 def _template_used(names: list[str], data_dir: str | None, template: str | None) -> str:
@@ -293,7 +300,7 @@ def evaluate(model: str, benchmarks: list[str], n: int = 1, settings: Generation
     backend_name, generate = make_generator(model, settings, backend, generator)
     paper_name, paper = paper_row(model, paper_model)
     result = {"model": model, "backend": backend_name, "n": n, "settings": asdict(settings),
-              "template": _template_used(names, data_dir, template), "scoring": EVAL_DESCRIPTION,
+              "template": _template_used(names, data_dir, template), "scoring": _scoring_description(),
               "paper_model": paper_name, "benchmarks": {}}
     all_rows = []
     for name, examples in datasets.items():

@@ -38,14 +38,30 @@ import math
 import re
 from typing import Any
 
-from grouprl_core.answers import TRAIN, completion_text, extract, final_answer, matches, parse_gold, score
-from grouprl_core.answers import timeout_seconds as _timeout_seconds
-
 __all__ = ["accuracy_reward", "completion_text", "compute_score", "cosine_reward", "format_reward", "is_correct",
            "last_boxed_content", "make_cosine_reward"]
 
-#: The final-answer string of a completion (kept under its old name for callers of grouprl.rewards).
-extract_final_answer = final_answer
+
+def _answers():
+    """:mod:`grouprl_core.answers`, imported on first use: the grouprl_core package imports torch,
+    which ``grouprl data`` (importing this module) does not need."""
+    from grouprl_core import answers
+
+    return answers
+
+
+def completion_text(completion: Any) -> str:
+    """The text of a completion (a string or TRL's conversational messages): :func:`grouprl_core.answers.completion_text`."""
+    return _answers().completion_text(completion)
+
+
+def extract_final_answer(completion: Any) -> str | None:
+    """The final-answer string of a completion: :func:`grouprl_core.answers.final_answer` (its old name here)."""
+    return _answers().final_answer(completion)
+
+
+def _timeout_seconds() -> int | None:
+    return _answers().timeout_seconds()
 
 
 def last_boxed_content(text: str) -> str | None:
@@ -76,7 +92,8 @@ def last_boxed_content(text: str) -> str | None:
 
 def is_correct(completion: Any, gold: Any) -> bool:
     """The training-mode verdict for one completion against ``gold`` (a string, number or list of accepted ones)."""
-    return score(completion, gold, TRAIN)[0]
+    answers = _answers()
+    return answers.score(completion, gold, answers.TRAIN)[0]
 
 
 # ----------------------------------------------------------------------------- TRL reward functions
@@ -124,7 +141,7 @@ def make_cosine_reward(
     def cosine_reward(completions: list, solution: list, **kwargs) -> list[float]:
         rewards = []
         for completion, gold in zip(completions, solution, strict=True):
-            if not parse_gold(gold, TRAIN):
+            if not _answers().parse_gold(gold, _answers().TRAIN):
                 rewards.append(float(unparseable_gold_reward))
                 continue
             text = completion_text(completion)
@@ -159,6 +176,7 @@ def compute_score(data_source: str, solution_str: str, ground_truth: Any, extra_
     :func:`grouprl_core.answers.final_answer` ("" rather than None so those lists stay plain
     strings), which verl's COPO reads through ``algorithm.grouprl.copo.answer_key: pred``.
     """
-    extraction = extract(solution_str, TRAIN)
-    acc = float(matches(ground_truth, extraction, TRAIN))
+    answers = _answers()
+    extraction = answers.extract(solution_str, answers.TRAIN)
+    acc = float(answers.matches(ground_truth, extraction, answers.TRAIN))
     return {"score": acc, "acc": acc, "pred": extraction.answer or ""}

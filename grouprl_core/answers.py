@@ -34,7 +34,9 @@ Modes
     nothing can be extracted from is compared as a plain string, as lighteval does. So a
     completion with no box still scores through ``final answer is $x$``, ``answer: x``, a last
     ``$...$`` or, at the lowest priority, its last number (typically a completion cut at the token
-    limit), and several boxes joined by "and" / "," form a set.
+    limit), and several boxes joined by "and" / "," form a set. The whole completion is scored,
+    reasoning included: open-rs's pinned lighteval (commit ed08481) had no reasoning-tag removal
+    (lighteval 0.13's CLI strips ``<think>...</think>`` by default).
 
 Both modes: text answers are compared as text. math-verify parses a bare word as a product of
 one-letter symbols, so ``\\boxed{neve}`` "equals" ``even``. When the reference is a word
