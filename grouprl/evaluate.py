@@ -11,8 +11,13 @@ Usage::
 
 * **Metric.** For each problem ``n`` completions are sampled; pass@1 is the mean correctness over
   the ``n`` samples and then over problems (``mean@n``, the unbiased pass@1 estimate), reported in %
-  with its standard error over problems. Correctness is :func:`grouprl.rewards.is_correct`:
-  the final ``\\boxed{}`` / ``<answer>`` / ``Answer:`` answer, compared with math-verify.
+  with its standard error over problems. Correctness is open-rs's lighteval scoring
+  (:func:`score_completion`, :data:`grouprl_core.answers.EVAL`): math-verify extraction of the
+  last box, else ``final answer is``/``answer:`` anchors, else the last maths or number; the gold
+  per benchmark as open-rs's tasks take it (MATH-500 and Minerva: the worked solution; AIME24,
+  AMC23: the answer as a number; OlympiadBench: the answer as LaTeX); numbers equal at 5 decimals.
+  The numbers are comparable with open-rs's / GPG's lighteval tables (not with the Qwen2.5-Math
+  harness). ``results.json`` names the scoring under ``"scoring"``.
 * **Defaults** follow open-rs's ``eval.sh`` (lighteval + vLLM): temperature 0.6, top_p 0.95,
   32768 new tokens, the lighteval maths user prompt (``--template lighteval-math``). For the
   zero-RL Qwen2.5-Math-7B convention use ``--template qwen-math-cot --temperature 0
@@ -46,7 +51,6 @@ from pathlib import Path
 from typing import Callable
 
 from grouprl import data as data_mod
-from grouprl.rewards import extract_final_answer, is_correct
 
 BENCHMARKS = ("aime24", "math500", "amc23", "minerva", "olympiadbench")
 
@@ -204,7 +208,17 @@ def load_benchmark(name: str, data_dir: str | None = None, template: str | None 
 
 
 # ----------------------------------------------------------------------------- scoring
-def score_benchmark(examples: list[dict], completions: list[list[str]], n: int) -> tuple[dict, list[dict]]:
+def score_completion(completion: str, example: dict, benchmark: str) -> tuple[bool, str | None]:
+    """``(correct, extracted answer)`` of one completion as open-rs's lighteval task for ``benchmark`` scores it."""
+    from grouprl_core import answers  # imported here: the grouprl_core package imports torch
+
+    target, gold = answers.lighteval_gold(benchmark, example["solution"], example.get("reference_solution"))
+    extraction = answers.extract(completion, answers.EVAL)
+    return answers.matches(gold, extraction, answers.EVAL, target), extraction.answer
+
+
+def score_benchmark(examples: list[dict], completions: list[list[str]], n: int,
+                    benchmark: str) -> tuple[dict, list[dict]]:
     """pass@1 (mean@n, %) with its standard error over problems, and one record per completion."""
     if len(completions) != len(examples) or any(len(c) != n for c in completions):
         raise RuntimeError(
@@ -213,16 +227,37 @@ def score_benchmark(examples: list[dict], completions: list[list[str]], n: int) 
         )
     per_problem, rows = [], []
     for ex, comps in zip(examples, completions):
-        correct = [is_correct(c, ex["solution"]) for c in comps]
-        per_problem.append(sum(correct) / n)
+        scored = [score_completion(c, ex, benchmark) for c in comps]
+        per_problem.append(sum(ok for ok, _ in scored) / n)
         rows.extend({"index": ex.get("index"), "problem": ex["problem"], "gold": ex["solution"], "sample": k,
-                     "completion": c, "pred": extract_final_answer(c), "correct": ok}
-                    for k, (c, ok) in enumerate(zip(comps, correct)))
+                     "completion": c, "pred": pred, "correct": ok}
+                    for k, (c, (ok, pred)) in enumerate(zip(comps, scored)))
     p = len(per_problem)
     mean = sum(per_problem) / p if p else float("nan")
     var = sum((x - mean) ** 2 for x in per_problem) / (p - 1) if p > 1 else 0.0
     return {"pass@1": 100 * mean, "stderr": 100 * math.sqrt(var / p) if p else float("nan"),
             "problems": p, "n": n}, rows
+
+
+def _scoring_description() -> str:
+    from grouprl_core.answers import EVAL_DESCRIPTION
+
+    return EVAL_DESCRIPTION
+
+
+def _template_used(names: list[str], data_dir: str | None, template: str | None) -> str:
+    """The prompt template the benchmarks ran with: ``--template``, else each benchmark's default
+    (a prepared folder keeps the prompts it was prepared with)."""
+    if template:
+        return template
+    used = set()
+    for name in names:
+        prepared = Path(data_dir) / name if data_dir else None
+        if prepared is not None and (prepared / "dataset_dict.json").is_file():
+            used.add(f"as prepared in {prepared}")
+        else:
+            used.add(data_mod.get_source(name).template)
+    return ", ".join(sorted(used))
 
 
 def _fmt(value: float | None) -> str:
@@ -241,6 +276,7 @@ def markdown_table(result: dict) -> str:
     for name, r in result["benchmarks"].items():
         lines.append(f"| {name} | {r['problems']} | {_fmt(r['pass@1'])} | {_fmt(r['stderr'])} | {_fmt(r['paper'])} |")
     lines.append(f"| **average** | | {_fmt(result['average'])} | | {_fmt(result['paper_average'])} |")
+    lines += ["", f"Scoring: {result['scoring']}."]
     return "\n".join(lines) + "\n"
 
 
@@ -263,12 +299,13 @@ def evaluate(model: str, benchmarks: list[str], n: int = 1, settings: Generation
     datasets = {name: load_benchmark(name, data_dir, template, limit) for name in names}
     backend_name, generate = make_generator(model, settings, backend, generator)
     paper_name, paper = paper_row(model, paper_model)
-    result = {"model": model, "backend": backend_name, "n": n, "settings": asdict(settings), "template": template,
+    result = {"model": model, "backend": backend_name, "n": n, "settings": asdict(settings),
+              "template": _template_used(names, data_dir, template), "scoring": _scoring_description(),
               "paper_model": paper_name, "benchmarks": {}}
     all_rows = []
     for name, examples in datasets.items():
         print(f"[grouprl eval] {name}: {len(examples)} problems x {n} samples", file=sys.stderr)
-        scores, rows = score_benchmark(examples, generate(examples, n), n)
+        scores, rows = score_benchmark(examples, generate(examples, n), n, name)
         scores["paper"] = paper.get(name)
         result["benchmarks"][name] = scores
         all_rows.extend({"benchmark": name, **row} for row in rows)

@@ -23,8 +23,8 @@ weight travel as ``copo_global_advantages`` / ``copo_local_weight``, ``(B,)`` te
 TRL's shuffle and split of the generation batch (``shuffle_sequence_dict``,
 ``split_tensor_dict``) carry row by row through ``num_iterations`` and gradient accumulation.
 
-Answers: the default extractor (:func:`math_answer_extractor`) returns the string that
-math-verify extracts (``\\boxed{..}``, ``Answer: ..``, a final expression), uncanonicalised as in
+Answers: the default extractor (:func:`grouprl_core.answers.final_answer`, also verl's ``pred``) returns
+the string the training reward extracts (``\\boxed{..}``, ``Answer: ..``), uncanonicalised as in
 the official code. When it finds nothing for a completion, that completion's answer is its
 reward value (SPEC's fallback), counted in ``copo/extract_fallback_frac`` and warned about once.
 
@@ -39,7 +39,6 @@ from __future__ import annotations
 import importlib
 import logging
 import math
-import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -47,6 +46,7 @@ import torch
 from accelerate.utils import gather_object
 from trl import GRPOConfig, GRPOTrainer
 
+from grouprl_core.answers import final_answer
 from grouprl_core.copo import BLEND_MODES, copo_advantages, copo_blend_weight, copo_token_loss, encode_answers
 from grouprl_core.groups import contiguous_group_ids
 from grouprl_core.losses import aggregate_token_loss, importance_ratio
@@ -55,38 +55,13 @@ from .config_checks import reject_unused_grpo_fields
 
 logger = logging.getLogger(__name__)
 
-DEFAULT_ANSWER_EXTRACTOR = "grouprl_trl.copo.math_answer_extractor"
+DEFAULT_ANSWER_EXTRACTOR = "grouprl_core.answers.final_answer"
 LOCAL_SCALES = ("group", "batch", "none")
 
 
 # ----------------------------------------------------------------------------- answers
-def _completion_text(completion) -> str:
-    if isinstance(completion, list):  # conversational: [{"role": "assistant", "content": ...}]
-        return completion[-1]["content"] if completion else ""
-    return completion
-
-
-def math_answer_extractor(completion) -> str | None:
-    """The final-answer string of a completion as math-verify extracts it, or None if none.
-
-    Uses ``math_verify.parse`` (imported lazily) with its default extraction (LaTeX incl.
-    ``\\boxed{}``, then plain expressions) and returns the matched *string*, not the parsed
-    value: the official COPO code compares raw strings (its sympy canonicalisation is
-    commented out), and the gate's k, b were tuned for that.
-    """
-    from math_verify import parse
-
-    text = _completion_text(completion)
-    # math-verify's timeout uses signal.alarm, which only works in the main thread
-    timeout = 5 if threading.current_thread() is threading.main_thread() else None
-    try:
-        parsed = parse(text, parsing_timeout=timeout)
-    except Exception:  # a parse failure is "no answer"; counted in copo/extract_fallback_frac
-        return None
-    if len(parsed) < 2:
-        return None
-    answer = str(parsed[1]).strip()
-    return answer or None
+#: Old name of the default extractor (recipes and configs may still name it).
+math_answer_extractor = final_answer
 
 
 def resolve_answer_extractor(spec) -> Callable | None:

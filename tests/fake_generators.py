@@ -26,5 +26,21 @@ def first_problem_first_sample(model, settings):
 
 
 def always_right(model, settings):
-    """Every sample ends with 'Answer: <reference>'."""
-    return lambda examples, n: [[f"Some steps.\nAnswer: {ex['solution']}"] * n for ex in examples]
+    """Every sample ends with the answer line the lighteval maths prompt asks for, holding the reference.
+
+    (A bare ``Answer: \\left( 3, \\frac{\\pi}{2} \\right)`` without ``$`` is not read as LaTeX by
+    lighteval, so an oracle must use the requested format.)"""
+    return lambda examples, n: [
+        [f"Some steps.\nTherefore, the final answer is: $\\boxed{{{ex['solution']}}}$. I hope it is correct."] * n
+        for ex in examples]
+
+
+def unboxed_final_answer(model, settings):
+    """Sample 0: 'the final answer is: $<reference>$.' with no box (lighteval reads it); sample 1: a
+    completion cut mid-sentence whose last number is the reference (lighteval's last-number fallback)."""
+
+    def generate(examples, n):
+        texts = ["Counting again, the final answer is: ${}$.", "Trying 3, then 12, and finally {}"]
+        return [[texts[k % 2].format(ex["solution"]) for k in range(n)] for ex in examples]
+
+    return generate

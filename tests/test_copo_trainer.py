@@ -235,7 +235,7 @@ def test_defaults(tmp_path):
     cfg = COPOConfig(output_dir=str(tmp_path), use_cpu=True)
     assert (cfg.gate_k, cfg.gate_b, cfg.blend, cfg.entropy_reward_coef) == (5.0, 1.0, "only-soft", False)
     assert (cfg.epsilon, cfg.dual_clip, cfg.beta, cfg.loss_type) == (0.2, 3.0, 0.0, "grpo")
-    assert cfg.answer_extractor == "grouprl_trl.copo.math_answer_extractor"
+    assert cfg.answer_extractor == "grouprl_core.answers.final_answer"
 
 
 def test_callable_extractor_is_accepted_and_serialised(tmp_path):

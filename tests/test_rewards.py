@@ -22,10 +22,10 @@ from grouprl.rewards import (
     [
         ("so the answer is \\boxed{\\frac{1}{2}}.", "\\frac{1}{2}"),
         ("first \\boxed{3} then \\boxed{4}", "4"),  # the last box counts
-        ("<think>\n\\boxed{9}\n</think>\n<answer> \\boxed{10} </answer>", "10"),  # the tag wins over earlier boxes
+        ("<think>\n\\boxed{9}\n</think>\n<answer> \\boxed{10} </answer>", "10"),  # the last box
         ("<think>x</think><answer> 42 </answer>", "42"),
         ("Step 1 ...\nAnswer: $34$", "34"),
-        ("\\boxed 5 is it", "5"),
+        ("\\boxed 5 is it", None),  # open-r1 (math-verify) reads a box with braces only
         ("The answer is 42.", None),  # no recognised format
         ("truncated \\boxed{\\frac{1}{2", None),  # box never closed
         ("<answer></answer>", None),
