@@ -23,6 +23,7 @@ import warnings
 from collections import defaultdict, deque
 from collections.abc import Callable
 from contextlib import contextmanager, nullcontext
+from functools import partial
 from typing import NamedTuple
 
 import torch
@@ -265,13 +266,14 @@ def policy_forward(
         if present:
             raise NotImplementedError(f"scoring completions behind another prompt is text-only; the batch has {present}")
         multimodal = {}
+    chunking = {} if batch_size is None else {"batch_size": batch_size}
     return per_token_logps(
         trainer,
         model,
         torch.cat([prompt_ids, completion_ids], dim=1),
         torch.cat([prompt_mask, completion_mask], dim=1),
         completion_ids.size(1),
-        batch_size=batch_size,
+        **chunking,
         compute_entropy=compute_entropy,
         compute_aux_loss=compute_aux_loss,
         **multimodal,
@@ -347,12 +349,27 @@ def capture_logged_rows(trainer: GRPOTrainer):
         trainer._logs = saved
 
 
+def _ensure_capacity(logs: dict, size: int) -> None:
+    """Grow TRL's deques (sized to one generation batch) so a batch of ``size`` rows fits whole
+    (GCPO-gold "append" trains on more rows than it generated)."""
+    for key, value in logs.items():
+        if isinstance(value, deque) and value.maxlen is not None and value.maxlen < size:
+            logs[key] = deque(value, maxlen=size)
+        elif isinstance(value, defaultdict):
+            for column, values in value.items():
+                if values.maxlen is not None and values.maxlen < size:
+                    value[column] = deque(values, maxlen=size)
+            if (value.default_factory().maxlen or size) < size:
+                value.default_factory = partial(deque, maxlen=size)
+
+
 def append_logged_rows(trainer: GRPOTrainer, rows: list[dict], advantages: list[float]) -> None:
     """Append rows (from :func:`capture_logged_rows`) with the advantages they were trained on to the
     completions table ``trainer._logs`` (TRL 1.14.2, 1.16.0). Every reward / extra column gets an entry
     per row (None where a row has none), so the table's columns stay the same length."""
     if len(rows) != len(advantages):
         raise ValueError(f"{len(rows)} logged rows for {len(advantages)} advantages")
+    _ensure_capacity(trainer._logs, len(rows))
     logs = trainer._logs
     reward_names = set(logs["rewards"]).union(*(row["rewards"] for row in rows))
     columns = set(logs["extra"]).union(*(row["extra"] for row in rows))
