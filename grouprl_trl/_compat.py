@@ -115,9 +115,9 @@ class TRLHooks(GRPOTrainer):
     Each override below is one line; the hook's default runs TRL's own method, so a subclass that
     overrides a hook and calls ``super()`` gets TRL's behaviour. Checked on TRL 1.14.2 and 1.16.0.
 
-    A subclass names itself with ``algorithm_name`` (also the default output folder suffix),
-    ``model_card_tags`` and ``paper`` (``{"title", "id"}``); they become TRL's model-card class
-    attributes ``_name``, ``_tag_names`` and ``_paper``.
+    A subclass names itself with ``algorithm_name`` (also the default output folder suffix) and
+    ``paper`` (``{"title", "id"}``); they become TRL's model-card class attributes ``_name``,
+    ``_paper`` and ``_tag_names`` (``["trl", <algorithm name in lower case>, "grouprl"]``).
     """
 
     def __init_subclass__(cls, **kwargs):
@@ -125,8 +125,7 @@ class TRLHooks(GRPOTrainer):
         own = vars(cls)
         if "algorithm_name" in own:
             cls._name = own["algorithm_name"]
-        if "model_card_tags" in own:
-            cls._tag_names = list(own["model_card_tags"])
+            cls._tag_names = ["trl", own["algorithm_name"].lower(), "grouprl"]
         if "paper" in own:
             cls._paper = dict(own["paper"])
 

@@ -75,8 +75,8 @@ class GroupRLConfigMixin:
 class GroupRLTrainer(TRLHooks):
     """Base of the grouprl TRL trainers (same constructor as ``GRPOTrainer``).
 
-    Subclasses set ``config_class`` and ``algorithm_name`` (which also names the default output
-    directory), override :meth:`assemble_batch` to replace TRL's advantages and
+    Subclasses set ``config_class``, ``algorithm_name`` (which also names the default output
+    directory) and ``paper``, put their start-up checks and state in :meth:`init_algorithm`, override :meth:`assemble_batch` to replace TRL's advantages and
     :meth:`algorithm_loss` to replace TRL's loss, and set ``skip_key`` to a batch key that, when
     True, skips the optimizer step.
     """
@@ -89,6 +89,10 @@ class GroupRLTrainer(TRLHooks):
         args = self.resolve_args(model, args)
         super().__init__(model, reward_funcs, args=args, **kwargs)
         self._last_rewards_per_func: torch.Tensor | None = None  # gathered (N, F) of the last scoring
+        self.init_algorithm()
+
+    def init_algorithm(self) -> None:
+        """The algorithm's start-up checks and state, once TRL's trainer is built (default: none)."""
 
     @classmethod
     def resolve_args(cls, model, args):

@@ -215,11 +215,9 @@ class COPOTrainer(GroupRLTrainer):
 
     config_class = COPOConfig
     algorithm_name = "COPO"
-    model_card_tags = ["trl", "copo", "grouprl"]
     paper = {"title": "COPO: Consistency-Aware Policy Optimization", "id": "2508.04138"}
 
-    def __init__(self, model, reward_funcs=None, args: COPOConfig | None = None, **kwargs):
-        super().__init__(model, reward_funcs, args=args, **kwargs)
+    def init_algorithm(self):
         self._extract_answer = resolve_answer_extractor(self.args.answer_extractor)
         self._last_answers: list[str | None] | None = None
         self._warned_fallback = False

@@ -208,14 +208,12 @@ class GCPOTrainer(GroupRLTrainer):
 
     config_class = GCPOConfig
     algorithm_name = "GCPO"
-    model_card_tags = ["trl", "gcpo", "grouprl"]
     paper = {"title": "Group Contrastive Policy Optimization: When Contrast Fails, Go Gold", "id": "2510.07790"}
 
-    def __init__(self, model, reward_funcs=None, args: GCPOConfig | None = None, train_dataset=None, **kwargs):
-        args = self.resolve_args(model, args)
+    def init_algorithm(self):
+        args = self.args
         if args.gold_trigger != "never":
-            _check_reference_column(train_dataset, args.reference_column)
-        super().__init__(model, reward_funcs, args=args, train_dataset=train_dataset, **kwargs)
+            _check_reference_column(self.train_dataset, args.reference_column)
         if args.gold_placement == "append" and (self.tools or self.environment_factories is not None):
             raise NotImplementedError(
                 "gold_placement='append' does not support tools or environment_factory; use gold_placement='replace'."

@@ -153,15 +153,10 @@ class GPGTrainer(GroupRLTrainer):
 
     config_class = GPGConfig
     algorithm_name = "GPG"
-    model_card_tags = ["trl", "gpg", "grouprl"]
-    paper = {
-        "title": "GPG: A Simple and Strong Reinforcement Learning Baseline for Model Reasoning",
-        "id": "2504.02546",
-    }
+    paper = {"title": "GPG: A Simple and Strong Reinforcement Learning Baseline for Model Reasoning", "id": "2504.02546"}
     skip_key = "gpg_skip"
 
-    def __init__(self, model, reward_funcs=None, args: GPGConfig | None = None, **kwargs):
-        super().__init__(model, reward_funcs, args=args, **kwargs)
+    def init_algorithm(self):
         if self.ref_model is not None:  # defensive: beta is validated to be 0 in GPGConfig
             raise RuntimeError("GPG must not create a reference model")
         if self.args.valid_threshold > 0:

@@ -220,15 +220,10 @@ class GuidanceGCPOTrainer(GroupRLTrainer):
 
     config_class = GuidanceGCPOConfig
     algorithm_name = "GCPO-guidance"
-    model_card_tags = ["trl", "gcpo-guidance", "grouprl"]
-    paper = {
-        "title": "Guidance Contrastive Token Credit Assignment for Discrete Policy Optimization",
-        "id": "2605.29198",
-    }
+    paper = {"title": "Guidance Contrastive Token Credit Assignment for Discrete Policy Optimization", "id": "2605.29198"}
     skip_key = "guidance_skip"
 
-    def __init__(self, model, reward_funcs=None, args: GuidanceGCPOConfig | None = None, **kwargs):
-        super().__init__(model, reward_funcs, args=args, **kwargs)
+    def init_algorithm(self):
         accuracy_reward = self.args.accuracy_reward
         if accuracy_reward is not None and accuracy_reward not in self.reward_func_names:
             raise ValueError(
