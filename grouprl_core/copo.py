@@ -30,6 +30,36 @@ from .grpo import grpo_advantages
 from .losses import clipped_surrogate_loss
 
 BLEND_MODES = ("only-soft", "soft-with-zero", "soft-with-forced", "only-global", "no-global")
+COPO_STD_EPS = 1e-6  # official code: (r - mean) / (std + 1e-6), local and global
+DEFAULT_GATE_K, DEFAULT_GATE_B = 5.0, 1.0  # official 7B script
+DEFAULT_BLEND = "only-soft"
+DEFAULT_DUAL_CLIP = 3.0
+# prefix of the stand-in answer of a completion without an extracted answer; "\x00" keeps it
+# apart from every answer string an extractor can return
+MISSING_ANSWER_PREFIX = "\x00reward="
+
+
+def normalise_answer(answer) -> str | None:
+    """An extracted answer as a string, or None when nothing was extracted (None or blank)."""
+    if answer is None or not str(answer).strip():
+        return None
+    return str(answer)
+
+
+def answer_keys(answers: list, rewards: list[float]) -> list[str]:
+    """The strings the consistency entropy compares, one per completion.
+
+    An extracted answer is compared as its raw string (as the official code); a completion with no
+    answer (None or blank) stands in with its reward value, ``MISSING_ANSWER_PREFIX + f"{r:.6g}"``
+    (SPEC's fallback), so completions without answers count as equal exactly when their rewards are.
+    """
+    if len(answers) != len(rewards):
+        raise ValueError(f"{len(answers)} answers for {len(rewards)} rewards")
+    keys = []
+    for answer, reward in zip(answers, rewards):
+        answer = normalise_answer(answer)
+        keys.append(f"{MISSING_ANSWER_PREFIX}{float(reward):.6g}" if answer is None else answer)
+    return keys
 
 
 @dataclass
@@ -74,9 +104,9 @@ def copo_advantages(
     group_ids: torch.Tensor,
     answer_ids: torch.Tensor,
     *,
-    gate_k: float = 5.0,
-    gate_b: float = 1.0,
-    eps: float = 1e-6,
+    gate_k: float = DEFAULT_GATE_K,
+    gate_b: float = DEFAULT_GATE_B,
+    eps: float = COPO_STD_EPS,
     entropy_reward_coef: bool = False,
     local_scale: str = "group",
     process_group=None,

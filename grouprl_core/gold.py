@@ -27,6 +27,47 @@ import torch
 
 TRIGGERS = ("all_wrong", "always", "never")
 PLACEMENTS = ("replace", "append")
+# An answer-only reference rendered as a completion the math rewards accept (a think block and a
+# boxed answer); use "{solution}" when the reference column already holds a full completion.
+DEFAULT_GOLD_TEMPLATE = "<think>\n{solution}\n</think>\n\\boxed{{{solution}}}"
+DEFAULT_CORRECT_THRESHOLD = 1.0  # a rollout is correct when its reward >= this
+
+
+def check_gold_template(template: str, where: str = "gold_template") -> None:
+    """Raise a ValueError naming ``where`` unless ``template`` is a format string whose only field is
+    ``{solution}`` (literal braces doubled)."""
+    if not isinstance(template, str) or "{solution}" not in template:
+        raise ValueError(f"{where} must contain the placeholder '{{solution}}', got {template!r}")
+    marker = "\x00solution\x00"
+    try:
+        rendered = template.format(solution=marker)
+    except (KeyError, IndexError, ValueError) as err:
+        raise ValueError(
+            f"{where} {template!r} is not a valid format string with only {{solution}} ({err!r}); "
+            "double literal braces, e.g. '\\\\boxed{{{solution}}}'."
+        ) from err
+    if marker not in rendered:  # e.g. '{{solution}}' is a literal, not the placeholder
+        raise ValueError(f"{where} {template!r} never inserts the reference: its {{solution}} is escaped")
+
+
+def render_gold(template: str, reference) -> str | None:
+    """The gold completion text for one row, or None when the row has no reference.
+
+    A reference that is None, or empty / whitespace after ``strip()``, means "no gold". Numbers
+    are rendered with ``str``; any other type is a TypeError (point the reference column at text).
+    """
+    if reference is None:
+        return None
+    if isinstance(reference, (int, float)) and not isinstance(reference, bool):
+        reference = str(reference)
+    if not isinstance(reference, str):
+        raise TypeError(
+            f"reference solutions must be strings (or numbers), got {type(reference).__name__}: {reference!r}. "
+            "Point the reference column (GCPOConfig.reference_column / gcpo.solution_key) at a text column."
+        )
+    if not reference.strip():
+        return None
+    return template.format(solution=reference)
 
 
 @dataclass

@@ -15,19 +15,30 @@ the std of the whole batch + 1e-4 (``"batch"``). The loss is the plain policy gr
 alpha equals the official code's ``loss /= min(1, valid/total)`` (valid = samples in groups
 with non-equal rewards). verl 0.9.1's built-in ``gpg`` estimator instead uses
 ``B / count_nonzero(rewards)``, which is a different number; ours follows the paper.
+
+Batch planning (the valid-fraction threshold beta_th, paper Sec. 3.3): while fewer than beta_th
+of the batch's groups are valid (non-equal rewards), another round is generated from fresh
+prompts, at most ``max_resample_rounds`` times; valid groups of every round are kept, oldest
+first, and the batch is filled up with the last round's zero-variance groups. Valid groups that
+do not fit are carried to the next batch (at most one batch worth, so at most one step old).
+:func:`plan_gpg_batch` and :func:`gpg_needs_more` are that rule on per-round validity flags,
+with no tensors of the batch itself, so both backends assemble their own batches from it.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
 
 from .distributed import all_reduce_sum
-from .groups import group_stats
+from .groups import ZERO_VARIANCE_TOL, group_stats
 
 F_NORM_MODES = ("none", "group", "batch")
 STD_EPS = 1e-4  # as TRL's scale_rewards and the official GPG/open-rs code
+DEFAULT_VALID_THRESHOLD = 0.6  # beta_th (paper)
+DEFAULT_MAX_RESAMPLE_ROUNDS = 20  # official code
 
 
 @dataclass
@@ -122,4 +133,86 @@ def gpg_advantages(
         zero_variance=stats.zero_variance,
         num_samples=b,
         num_zero_variance=m,
+    )
+
+
+# ----------------------------------------------------------------------------- batch planning
+def group_valid_flags(rewards: torch.Tensor, group_ids: torch.Tensor, tol: float = ZERO_VARIANCE_TOL) -> list[bool]:
+    """``flags[k]`` is True when group ``k`` (ids ``0..K-1``) has non-equal rewards (a *valid* group)."""
+    zero_variance = group_stats(rewards, group_ids, tol).zero_variance
+    num_groups = int(group_ids.max()) + 1
+    first = torch.full((num_groups,), -1, dtype=torch.long, device=group_ids.device)
+    first = first.scatter_reduce(0, group_ids.long(), torch.arange(group_ids.numel(), device=group_ids.device),
+                                 reduce="amax")
+    return [not bool(zero_variance[i]) for i in first.tolist()]
+
+
+def usable_valid_groups(round_valid: Sequence[Sequence[bool]], groups_per_batch: int) -> int:
+    """Valid groups collected so far that the batch can use: ``min(#valid, groups_per_batch)``.
+
+    This is the count the threshold compares, per batch (per process in TRL, where each process
+    assembles its own share of whole groups; the caller sums it over processes).
+    """
+    return min(sum(sum(bool(v) for v in flags) for flags in round_valid), groups_per_batch)
+
+
+def gpg_needs_more(valid_fraction: float, *, threshold: float, extra_rounds: int, max_rounds: int) -> bool:
+    """True while the batch's valid fraction is below ``threshold`` (beta_th) and the round bound allows
+    another round. ``valid_fraction`` is usable valid groups / groups of the batch (global)."""
+    return valid_fraction < threshold and extra_rounds < max_rounds
+
+
+@dataclass(frozen=True)
+class GPGBatchPlan:
+    """Which groups fill one GPG batch; a group is ``(round, group index within that round)``."""
+
+    chosen: list[tuple[int, int]]  # batch order: valid groups oldest first, then zero-variance fillers
+    carry: list[tuple[int, int]]  # valid groups that did not fit, kept for the next batch
+    num_valid: int  # valid groups available over all rounds
+    num_carried_used: int  # chosen groups that come from the carried round
+
+    def groups_of(self, pairs: Sequence[tuple[int, int]], round_index: int) -> list[int]:
+        """Group indices of ``round_index`` among ``pairs`` (``self.chosen`` or ``self.carry``), in order."""
+        return [k for r, k in pairs if r == round_index]
+
+
+def plan_gpg_batch(
+    round_valid: Sequence[Sequence[bool]],
+    groups_per_batch: int,
+    *,
+    carry_over: bool = True,
+    carried_round: bool = False,
+) -> GPGBatchPlan:
+    """The groups of one batch from the validity flags of each round (oldest round first).
+
+    Args:
+        round_valid: ``round_valid[r][k]`` is True when group ``k`` of round ``r`` is valid. With
+            ``carried_round`` round 0 holds the groups carried over from the previous batch (all valid).
+        groups_per_batch: groups the batch holds (per process in TRL, per step in verl).
+        carry_over: keep the valid groups that do not fit (at most ``groups_per_batch``).
+    Returns:
+        a :class:`GPGBatchPlan`: the first ``groups_per_batch`` valid groups, oldest first; when fewer
+        exist, the last round's other (zero-variance) groups fill the batch in order.
+    """
+    if groups_per_batch < 1:
+        raise ValueError(f"groups_per_batch must be >= 1, got {groups_per_batch}")
+    if not round_valid:
+        raise ValueError("plan_gpg_batch needs at least one round")
+    valid = [(r, k) for r, flags in enumerate(round_valid) for k, ok in enumerate(flags) if ok]
+    chosen, leftover = valid[:groups_per_batch], valid[groups_per_batch:]
+    if len(chosen) < groups_per_batch:
+        last = len(round_valid) - 1
+        taken = {k for r, k in chosen if r == last}
+        fillers = [(last, k) for k in range(len(round_valid[last])) if k not in taken]
+        chosen += fillers[: groups_per_batch - len(chosen)]
+    if len(chosen) < groups_per_batch:
+        raise ValueError(
+            f"the rounds hold {len(chosen)} groups, fewer than the batch's {groups_per_batch}: the last round "
+            "must be a full generation round"
+        )
+    return GPGBatchPlan(
+        chosen=chosen,
+        carry=leftover[:groups_per_batch] if carry_over else [],
+        num_valid=len(valid),
+        num_carried_used=sum(1 for r, _ in chosen if r == 0) if carried_round else 0,
     )

@@ -5,7 +5,9 @@ GCPO-gold, COPO (its "local" advantage) and GCPO-guidance (its per-sequence adva
     A_i = (r_i - mean_{g(i)} r) / (std_B r + eps)           (scale = "batch")
     A_i =  r_i - mean_{g(i)} r                              (scale = "none", Dr. GRPO)
 
-std is unbiased; zero-variance groups get exactly 0.
+std is unbiased; zero-variance groups get exactly 0. ``eps`` defaults to
+:data:`GRPO_STD_EPS` = 1e-4, the value TRL's ``GRPOTrainer`` adds in its own advantage (1.14-1.16),
+so GCPO-gold and GCPO-guidance use the same number on both backends.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from .gpg import _batch_std
 from .groups import group_stats
 
 SCALE_MODES = ("group", "batch", "none")
+GRPO_STD_EPS = 1e-4  # TRL GRPOTrainer: (r - mean) / (std + 1e-4)
 
 
 def grpo_advantages(
@@ -23,7 +26,7 @@ def grpo_advantages(
     group_ids: torch.Tensor,
     *,
     scale: str = "group",
-    eps: float = 1e-6,
+    eps: float = GRPO_STD_EPS,
     process_group=None,
 ) -> torch.Tensor:
     """(B,) group-normalised advantages; formula in the module docstring."""

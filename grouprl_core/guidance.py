@@ -33,11 +33,15 @@ from .groups import group_stats
 DELTA_CLAMP = 20.0
 DIVERGENCE_CLAMP = 10.0
 NEGATIVE_PROMPT_TYPES = ("wrong_answer", "empty_prompt", "custom")
+FILTER_LOW, FILTER_HIGH = 0.01, 0.99  # dynamic filter: keep groups whose mean accuracy is inside (low, high)
+DEFAULT_RANK_X, DEFAULT_RANK_Y = 0.4, 0.8  # the top 40% of tokens carry 80% of the weight
+DEFAULT_CLIP_HIGH = 0.28  # DAPO clip-higher (the lower clip stays 0.2)
+DEFAULT_DUAL_CLIP = 3.0
 WRONG_ANSWER_SUFFIX = "\n\nNote: Intentionally generate an incorrect answer."
 EMPTY_PROMPT = "answer the question"  # the official code's fallback for a context without the question
 
 
-def rank_power_exponent(x: float = 0.4, y: float = 0.8) -> float:
+def rank_power_exponent(x: float = DEFAULT_RANK_X, y: float = DEFAULT_RANK_Y) -> float:
     """a = ln(1 - y) / ln(1 - x) - 1, so that the top ``x`` of tokens carry ``y`` of the weight."""
     if not (0.0 < x < 1.0 and 0.0 < y < 1.0):
         raise ValueError(f"rank_x and rank_y must be in (0, 1), got x={x}, y={y}")
@@ -51,7 +55,7 @@ def k3_divergence(logp_neg: torch.Tensor, logp_pos: torch.Tensor) -> torch.Tenso
 
 
 @torch.no_grad()
-def rank_weights(scores: torch.Tensor, mask: torch.Tensor, x: float = 0.4, y: float = 0.8) -> torch.Tensor:
+def rank_weights(scores: torch.Tensor, mask: torch.Tensor, x: float = DEFAULT_RANK_X, y: float = DEFAULT_RANK_Y) -> torch.Tensor:
     """(B, T) per-sequence rank weights ``N_i p^a / sum p^a`` (0 on masked tokens)."""
     valid = mask.bool()
     n_valid = valid.sum(-1, keepdim=True)
@@ -68,7 +72,7 @@ def rank_weights(scores: torch.Tensor, mask: torch.Tensor, x: float = 0.4, y: fl
 
 @torch.no_grad()
 def guidance_token_weights(
-    logp_pos: torch.Tensor, logp_neg: torch.Tensor, mask: torch.Tensor, x: float = 0.4, y: float = 0.8
+    logp_pos: torch.Tensor, logp_neg: torch.Tensor, mask: torch.Tensor, x: float = DEFAULT_RANK_X, y: float = DEFAULT_RANK_Y
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Token credit weights and the k3 divergence, both (B, T); see the module docstring."""
     divergence = k3_divergence(logp_neg, logp_pos)
@@ -81,7 +85,7 @@ def token_level_advantages(advantages: torch.Tensor, weights: torch.Tensor) -> t
 
 
 def dynamic_filter_keep(
-    accuracy: torch.Tensor, group_ids: torch.Tensor, low: float = 0.01, high: float = 0.99
+    accuracy: torch.Tensor, group_ids: torch.Tensor, low: float = FILTER_LOW, high: float = FILTER_HIGH
 ) -> torch.Tensor:
     """(B,) bool: keep samples whose group's mean accuracy is strictly inside (low, high)."""
     mean = group_stats(accuracy.to(torch.float32), group_ids).mean

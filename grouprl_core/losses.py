@@ -118,3 +118,10 @@ def clipped_surrogate_loss(
             raise ValueError(f"dual_clip must be > 1.0, got {dual_clip}")
         loss = torch.where(advantages < 0, torch.minimum(loss, -dual_clip * advantages), loss)
     return loss
+
+
+def k3_kl(logp: torch.Tensor, ref_logp: torch.Tensor) -> torch.Tensor:
+    """Per-token k3 estimate of KL(pi_theta || pi_ref) (Schulman's estimator, as TRL's and verl's ``low_var_kl``
+    without clamping): ``exp(ref - logp) - (ref - logp) - 1``, >= 0, zero where the two agree."""
+    delta = ref_logp - logp
+    return torch.exp(delta) - delta - 1

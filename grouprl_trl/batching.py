@@ -1,5 +1,5 @@
-"""Row selection and concatenation of TRL generation batches (the dicts returned by
-``GRPOTrainer._generate_and_score_completions`` in TRL 1.16).
+"""Row selection and concatenation of TRL generation batches (the dicts TRL's
+``GRPOTrainer`` builds for a generation batch, :data:`grouprl_trl._compat.BATCH_KEYS`).
 
 Batches from different generation rounds have different padded widths: prompts are
 left-padded, completions right-padded. Merging re-pads every ``(B, T)`` tensor to the widest
@@ -73,8 +73,8 @@ def select_and_concat(pieces: list[tuple[dict, list[int]]], pad_token_id: int) -
 def split_rows_evenly(batch: dict, num_chunks: int) -> list[dict]:
     """Split a generation batch into ``num_chunks`` micro-batches whose sizes differ by at most 1.
 
-    Like TRL's ``split_tensor_dict`` (trl/trainer/utils.py, TRL 1.16), which assumes the row
-    count divides evenly and would silently drop the remainder; here the first ``B % num_chunks``
+    Like TRL's equal split of a generation batch (:func:`grouprl_trl._compat.split_generation_batch`),
+    which assumes the row count divides evenly and would silently drop the remainder; here the first ``B % num_chunks``
     chunks get one extra row, so no row is lost. 0-dim tensors are copied into every chunk.
     """
     size = batch_size_of(batch)
@@ -94,12 +94,3 @@ def split_rows_evenly(batch: dict, num_chunks: int) -> list[dict]:
         start = stop
     return chunks
 
-
-def token_mean_normalizer(trainer, inputs: dict, mode: str) -> torch.Tensor:
-    """Token count that ``token-mean`` divides by, as TRL 1.16's ``loss_type="dapo"``: the tokens of
-    one gradient-accumulation window on one process (``num_items_in_batch`` counts the whole
-    generation batch on all processes), so the accumulated gradient is the global token mean."""
-    total = inputs["num_items_in_batch"].clamp(min=1.0) / trainer.accelerator.num_processes
-    if mode == "train":
-        total = total * trainer.current_gradient_accumulation_steps / trainer.args.steps_per_generation
-    return total

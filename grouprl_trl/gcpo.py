@@ -1,5 +1,5 @@
 """GCPO-gold for TRL: ``GCPOTrainer`` / ``GCPOConfig``, drop-in replacements for ``GRPOTrainer`` /
-``GRPOConfig`` (TRL 1.16).
+``GRPOConfig``.
 
 Paper: Wu & Liu, "Group Contrastive Policy Optimization: When Contrast Fails, Go Gold"
 (arXiv 2510.07790). No official code is public: this implements SPEC.md's **[PROPOSAL]** as
@@ -9,8 +9,8 @@ written. The planning math lives in :mod:`grouprl_core.gold`, the advantage in
 What changes compared with GRPO (training only; evaluation rollouts are left as sampled):
 
 - a group is *all wrong* when no member's reward reaches ``correct_threshold`` (the reward is
-  TRL's weighted sum over the reward functions; a completion no function could score counts as
-  wrong). With ``gold_trigger="all_wrong"`` such a group, if its row has a reference solution
+  TRL's weighted sum over the reward functions; every completion needs a finite reward, as in
+  every grouprl trainer). With ``gold_trigger="all_wrong"`` such a group, if its row has a reference solution
   (column ``reference_column``, non-empty), receives the gold completion
   ``gold_template.format(solution=reference)``;
 - ``gold_placement="replace"`` (default): the gold completion replaces the group's last
@@ -18,6 +18,7 @@ What changes compared with GRPO (training only; evaluation rollouts are left as 
   gold row goes through TRL's normal path: the old-log-prob pass, the reference pass (when
   ``beta > 0``), the reward functions (the gold is scored, never assumed correct) and TRL's group
   advantage ``A = (r - mean_g) / (std_g + 1e-4)`` over the batch that already holds it;
+  rendering and the empty-reference rule are :func:`grouprl_core.gold.render_gold`'s;
 - ``gold_placement="append"``: the gold completion joins the group as member G+1. TRL's
   advantage code reshapes rewards by ``num_generations`` and needs equal row counts on every
   process, so appending cannot go through it. Instead, after TRL has scored the G rollouts,
@@ -37,10 +38,10 @@ What changes compared with GRPO (training only; evaluation rollouts are left as 
   token-level GRPO clip.
 
 vLLM: the gold tokens were not sampled by vLLM, so they have no sampling log-probs. Their
-entries are ``None``, which TRL 1.16 turns into NaN and neutralises: the importance-sampling
-correction of a NaN token is exactly 1 (token modes) / contributes 0 to the sequence sum
-(sequence modes), and the off-policy mask ignores it (grpo_trainer.py, ``_generate_and_score_
-completions`` and ``get_off_policy_mask``). So gold tokens get no vLLM correction. Appended gold
+entries are ``None``, which TRL (1.14.2-1.16) turns into NaN and neutralises: the
+importance-sampling correction of a NaN token is exactly 1 (token modes) / contributes 0 to the
+sequence sum (sequence modes), and the off-policy mask ignores it. So gold tokens get no vLLM
+correction. Appended gold
 rows get ``importance_sampling_ratio = 1`` and NaN ``sampling_per_token_logps`` directly.
 
 Cost: with ``"replace"``, the rollouts are scored before injection (to decide the trigger) and
@@ -56,6 +57,9 @@ injection, ``gold/reward_mean`` (mean weighted reward of the gold completions) a
 metrics describe the scored batch: with ``"replace"`` it holds the gold completions (so TRL's
 ``reward`` is inflated by them), with ``"append"`` the G sampled rollouts only.
 
+The completions table (``log_completions``) shows the rows the update uses with their
+advantages: with ``"append"`` the recomputed ones, and the gold rows as extra rows.
+
 Not supported with ``"append"``: tools / environments and multimodal rows (clear errors).
 """
 
@@ -65,22 +69,36 @@ import math
 from dataclasses import dataclass, field
 
 import torch
-from trl import GRPOConfig, GRPOTrainer
-from trl.data_utils import is_conversational
-from trl.models.utils import disable_gradient_checkpointing
-from trl.trainer.utils import shuffle_sequence_dict, use_adapter
+from trl import GRPOConfig, is_conversational
 
-from grouprl_core.gold import PLACEMENTS, TRIGGERS, fit_gold_completion, plan_gold_injection
+from grouprl_core import names
+from grouprl_core.gold import (
+    DEFAULT_CORRECT_THRESHOLD,
+    DEFAULT_GOLD_TEMPLATE,
+    PLACEMENTS,
+    TRIGGERS,
+    check_gold_template,
+    fit_gold_completion,
+    plan_gold_injection,
+    render_gold,
+)
 from grouprl_core.groups import contiguous_group_ids
-from grouprl_core.grpo import grpo_advantages
+from grouprl_core.grpo import GRPO_STD_EPS, grpo_advantages
 
+from ._compat import (
+    MULTIMODAL_KEYS,
+    buffered_micro_batch,
+    drop_pending_reward_logs,
+    policy_forward,
+    reference_adapter,
+    scoring_context,
+    shuffle_rows,
+    text_tokenizer,
+)
+from .base import LOGGED_ROWS, GroupRLTrainer
 from .batching import batch_size_of, select_and_concat, split_rows_evenly
 
-DEFAULT_GOLD_TEMPLATE = "<think>\n{solution}\n</think>\n\\boxed{{{solution}}}"
-# TRL 1.16 divides by (std + 1e-4) in its group advantage; the appended path uses the same eps.
-ADVANTAGE_EPS = 1e-4
-MULTIMODAL_KEYS = ("pixel_values", "image_grid_thw", "pixel_attention_mask", "image_sizes", "num_images")
-
+__all__ = ["DEFAULT_GOLD_TEMPLATE", "GCPOConfig", "GCPOTrainer", "render_gold"]
 
 GSPO_EPSILON, GSPO_EPSILON_HIGH = 3e-4, 4e-4  # GSPO's sequence-ratio clip range
 TRL_EPSILON = 0.2  # GRPOConfig's default for the token ratio
@@ -127,7 +145,7 @@ class GCPOConfig(GRPOConfig):
         },
     )
     correct_threshold: float = field(
-        default=1.0,
+        default=DEFAULT_CORRECT_THRESHOLD,
         metadata={"help": "A rollout is correct when its (weighted, summed) reward is >= this; decides 'all_wrong'."},
     )
     loss_type: str = field(
@@ -165,17 +183,7 @@ class GCPOConfig(GRPOConfig):
             raise ValueError(f"gold_trigger must be one of {TRIGGERS}, got {self.gold_trigger!r}")
         if self.gold_placement not in PLACEMENTS:
             raise ValueError(f"gold_placement must be one of {PLACEMENTS}, got {self.gold_placement!r}")
-        if "{solution}" not in self.gold_template:
-            raise ValueError(
-                f"gold_template must contain the placeholder '{{solution}}', got {self.gold_template!r}"
-            )
-        try:
-            self.gold_template.format(solution="x")
-        except (KeyError, IndexError, ValueError) as err:
-            raise ValueError(
-                f"gold_template {self.gold_template!r} is not a valid format string with only {{solution}} ({err!r}); "
-                "double literal braces, e.g. '\\\\boxed{{{solution}}}'."
-            ) from err
+        check_gold_template(self.gold_template, "gold_template")
         self.correct_threshold = float(self.correct_threshold)
         if not math.isfinite(self.correct_threshold):
             raise ValueError(f"correct_threshold must be a finite number, got {self.correct_threshold}")
@@ -188,51 +196,30 @@ class GCPOConfig(GRPOConfig):
         super().__post_init__()
 
 
-def render_gold(template: str, reference) -> str | None:
-    """The gold completion text for one row, or None when the row has no reference."""
-    if reference is None:
-        return None
-    if isinstance(reference, (int, float)) and not isinstance(reference, bool):
-        reference = str(reference)
-    if not isinstance(reference, str):
-        raise TypeError(
-            f"reference solutions must be strings (or numbers), got {type(reference).__name__}: {reference!r}. "
-            "Point GCPOConfig.reference_column at a text column."
-        )
-    if not reference.strip():
-        return None
-    return template.format(solution=reference)
 
-
-class GCPOTrainer(GRPOTrainer):
+class GCPOTrainer(GroupRLTrainer):
     """GCPO-gold on top of TRL's ``GRPOTrainer`` (same constructor). A [PROPOSAL] of SPEC.md.
 
     When every rollout of a prompt is wrong, the prompt's reference solution joins the group
     (replacing its last rollout, or as member G+1), is scored by the same reward functions and
     the group advantages ``A = (r - mean_g) / (std_g + eps)`` are recomputed with it. See the
-    module docstring for the TRL plumbing, vLLM handling and metrics.
+    module docstring for the TRL plumbing, vLLM handling and metrics. The loss is TRL's own.
     """
 
-    _tag_names = ["trl", "gcpo", "grouprl"]
-    _name = "GCPO"
-    _paper = {"title": "Group Contrastive Policy Optimization: When Contrast Fails, Go Gold", "id": "2510.07790"}
+    config_class = GCPOConfig
+    algorithm_name = "GCPO"
+    paper = {"title": "Group Contrastive Policy Optimization: When Contrast Fails, Go Gold", "id": "2510.07790"}
 
-    def __init__(self, model, reward_funcs=None, args: GCPOConfig | None = None, train_dataset=None, **kwargs):
-        if args is None:
-            name = model if isinstance(model, str) else model.config._name_or_path
-            args = GCPOConfig(f"{str(name).split('/')[-1] or 'model'}-GCPO")
-        if not isinstance(args, GCPOConfig):
-            raise TypeError(f"GCPOTrainer needs args=GCPOConfig(...), got {type(args).__name__}")
+    def init_algorithm(self):
+        args = self.args
         if args.gold_trigger != "never":
-            _check_reference_column(train_dataset, args.reference_column)
-        super().__init__(model, reward_funcs, args=args, train_dataset=train_dataset, **kwargs)
+            _check_reference_column(self.train_dataset, args.reference_column)
         if args.gold_placement == "append" and (self.tools or self.environment_factories is not None):
             raise NotImplementedError(
                 "gold_placement='append' does not support tools or environment_factory; use gold_placement='replace'."
             )
         self._gold_inputs: list[dict] | None = None  # dataset rows of the batch being generated (train only)
-        self._gold_state: dict | None = None  # what _generate injected, read by _calculate_rewards
-        self._last_rewards_per_func: torch.Tensor | None = None
+        self._gold_state: dict | None = None  # what generate_rollouts injected, read by score_completions
 
     # ------------------------------------------------------------------ helpers
     def _gold_tokens(self, reference) -> tuple[list[int], bool] | None:
@@ -240,25 +227,21 @@ class GCPOTrainer(GRPOTrainer):
         text = render_gold(self.args.gold_template, reference)
         if text is None:
             return None
-        ids = self._tokenizer(text, add_special_tokens=False)["input_ids"]
-        return fit_gold_completion(ids, self._tokenizer.eos_token_id, self.max_completion_length)
+        tokenizer = text_tokenizer(self)
+        ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+        return fit_gold_completion(ids, tokenizer.eos_token_id, self.max_completion_length)
 
     def _gold_completion_text(self, ids: list[int], prompt):
         """What the reward functions see: the decoded kept tokens, shaped like TRL's completions."""
-        text = self._tokenizer.decode(ids, skip_special_tokens=True)
+        text = text_tokenizer(self).decode(ids, skip_special_tokens=True)
         if is_conversational({"prompt": prompt}):
             return [{"role": "assistant", "content": text}]
         return text
 
-    def _weighted_rewards(self, rewards_per_func: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """TRL's total reward (weighted nansum) and the mask of rows no reward function scored."""
-        weights = self.reward_weights.to(rewards_per_func.device).unsqueeze(0)
-        return (rewards_per_func * weights).nansum(dim=1), torch.isnan(rewards_per_func).all(dim=1)
-
     def _plan(self, inputs: list[dict], rewards_per_func: torch.Tensor):
         """Global gold plan from the gathered rewards and each process's reference column."""
-        rewards, unscorable = self._weighted_rewards(rewards_per_func)
-        correct = (rewards >= self.args.correct_threshold) & ~unscorable
+        rewards = self.weighted_rewards(rewards_per_func)
+        correct = rewards >= self.args.correct_threshold
         col = self.args.reference_column
         has_gold_local = torch.tensor(
             [render_gold(self.args.gold_template, x.get(col)) is not None for x in inputs],
@@ -280,58 +263,55 @@ class GCPOTrainer(GRPOTrainer):
         self, num_injected: int, num_groups: int, gold_rewards: torch.Tensor, num_truncated: int,
         sampled_rewards: torch.Tensor | None = None,
     ):
-        metrics = self._metrics["train"]
-        metrics["gold/injected_frac"].append(num_injected / num_groups)
+        self.record_metric(names.GOLD_INJECTED_FRAC, num_injected / num_groups, "train")
         if sampled_rewards is not None:  # the policy's own reward, comparable with GRPO's "reward"
-            metrics["gold/sampled_reward_mean"].append(torch.nanmean(sampled_rewards.float()).item())
+            self.record_metric(names.GOLD_SAMPLED_REWARD_MEAN, sampled_rewards.float().mean().item(), "train")
         if num_injected > 0:
-            metrics["gold/reward_mean"].append(gold_rewards.float().mean().item())
-            metrics["gold/truncated_frac"].append(num_truncated / num_injected)
+            self.record_metric(names.GOLD_REWARD_MEAN, gold_rewards.float().mean().item(), "train")
+            self.record_metric(names.GOLD_TRUNCATED_FRAC, num_truncated / num_injected, "train")
 
-    # ------------------------------------------------------------------ TRL overrides
-    def _generate_and_score_completions(self, inputs):
-        """Wraps ``GRPOTrainer._generate_and_score_completions`` (TRL 1.16): the batch's rows are
-        stashed for ``_generate`` ("replace"); with "append" the gold rows and the recomputed
-        advantages are added after it."""
-        training = self.model.training
+    # ------------------------------------------------------------------ hooks
+    def assemble_batch(self, inputs):
+        """TRL's batch; the batch's rows are stashed for :meth:`generate_rollouts` ("replace"); with
+        "append" the gold rows and the recomputed advantages are added after it."""
+        training = self.mode == "train"
         self._gold_inputs = inputs if training else None
         try:
-            output = super()._generate_and_score_completions(inputs)
+            batch = super().assemble_batch(inputs)
         finally:
             self._gold_inputs = None
             self._gold_state = None
         if training and self.args.gold_placement == "append":
-            output = self._append_gold(inputs, output)
-        return output
+            batch = self._append_gold(inputs, batch)
+        return batch
 
-    def _generate(self, prompts):
-        """``GRPOTrainer._generate`` (TRL 1.16) plus the "replace" injection.
+    def generate_rollouts(self, prompts):
+        """TRL's rollouts plus the "replace" injection.
 
         Runs before TRL turns the rollouts into tensors, so the old-log-prob, reference and
         reward passes all see the batch that already holds the gold completions.
         """
-        result = super()._generate(prompts)
+        rollouts = super().generate_rollouts(prompts)
         inputs = self._gold_inputs
         if inputs is None or self.args.gold_placement != "replace":
-            return result
-        prompt_ids, completion_ids, tool_mask, completions, logprobs, extra_fields, images, tool_images = result
-        if len(completion_ids) != len(inputs):
+            return rollouts
+        if len(rollouts.completion_ids) != len(inputs):
             raise RuntimeError(
-                f"GCPO-gold expected one completion per dataset row ({len(inputs)}), got {len(completion_ids)}"
+                f"GCPO-gold expected one completion per dataset row ({len(inputs)}), got {len(rollouts.completion_ids)}"
             )
         num_groups = len(inputs) * self.accelerator.num_processes // self.num_generations
         if self.args.gold_trigger == "never":
             self._log_gold(0, num_groups, torch.zeros(0), 0)
-            return result
+            return rollouts
 
         # Score the sampled rollouts to decide the trigger (reward functions see the same kwargs as in TRL).
-        score_inputs = _with_extra_fields(inputs, extra_fields)
-        rewards_per_func = self._calculate_rewards(score_inputs, prompts, completions, completion_ids)
+        score_inputs = _with_extra_fields(inputs, rollouts.extra_fields)
+        rewards_per_func = self.score_completions(score_inputs, prompts, rollouts.completions, rollouts.completion_ids)
         plan, _, _ = self._plan(inputs, rewards_per_func)
 
-        completion_ids, completions = list(completion_ids), list(completions)
-        tool_mask = list(tool_mask) if tool_mask is not None else None
-        logprobs = list(logprobs) if logprobs is not None else None
+        completion_ids, completions = list(rollouts.completion_ids), list(rollouts.completions)
+        tool_mask = list(rollouts.tool_mask) if rollouts.tool_mask is not None else None
+        logprobs = list(rollouts.logprobs) if rollouts.logprobs is not None else None
         num_truncated = 0
         for i in self._local_rows(plan.replace_index, len(inputs)):
             ids, truncated = self._gold_tokens(inputs[i].get(self.args.reference_column))
@@ -343,38 +323,33 @@ class GCPOTrainer(GRPOTrainer):
             if logprobs is not None:
                 logprobs[i] = [None] * len(ids)  # not sampled: TRL maps None -> NaN -> no IS correction
         truncated_count = torch.tensor([num_truncated], device=self.accelerator.device)
-        total_truncated = int(self.accelerator.gather(truncated_count).sum())
         self._gold_state = {
             "rows": plan.replace_index.to(rewards_per_func.device),
             "scores": rewards_per_func,
             "num_groups": num_groups,
-            "num_truncated": total_truncated,
+            "num_truncated": int(self.accelerator.gather(truncated_count).sum()),
         }
-        return prompt_ids, completion_ids, tool_mask, completions, logprobs, extra_fields, images, tool_images
+        return rollouts._replace(completion_ids=completion_ids, completions=completions, tool_mask=tool_mask,
+                                 logprobs=logprobs)
 
-    def _calculate_rewards(self, inputs, prompts, completions, completion_ids_list):
-        """``GRPOTrainer._calculate_rewards`` (TRL 1.16, returns the gathered ``(N, n_funcs)``),
-        reusing the pre-injection scores: only a batch with gold rows is scored again, and only
-        its gold rows take the new scores."""
+    def score_completions(self, inputs, prompts, completions, completion_ids_list):
+        """The base's scoring, reusing the pre-injection scores: only a batch with gold rows is scored
+        again, and only its gold rows take the new scores."""
         state = self._gold_state
         if state is None:
-            result = super()._calculate_rewards(inputs, prompts, completions, completion_ids_list)
-            self._last_rewards_per_func = result
-            return result
+            return super().score_completions(inputs, prompts, completions, completion_ids_list)
         self._gold_state = None  # consumed: TRL calls this once per batch
         rows = state["rows"]
         if rows.numel() == 0:
             result = state["scores"]
         else:
             # The pre-scoring pass's log_extra / log_metric entries described the replaced rollouts.
-            self._pending_extra_logs.clear()
-            self._pending_metrics.clear()
-            fresh = super()._calculate_rewards(inputs, prompts, completions, completion_ids_list)
+            drop_pending_reward_logs(self)
+            fresh = self.checked_scores(inputs, prompts, completions, completion_ids_list)
             result = state["scores"].clone()
             result[rows] = fresh[rows]
-        gold_rewards, _ = self._weighted_rewards(result[rows])
-        sampled, unscorable = self._weighted_rewards(state["scores"])
-        sampled[unscorable] = torch.nan
+        gold_rewards = self.weighted_rewards(result[rows])
+        sampled = self.weighted_rewards(state["scores"])
         self._log_gold(rows.numel(), state["num_groups"], gold_rewards, state["num_truncated"], sampled)
         self._last_rewards_per_func = result
         return result
@@ -396,14 +371,7 @@ class GCPOTrainer(GRPOTrainer):
         if self.args.gold_trigger == "never":
             self._log_gold(0, num_groups, torch.zeros(0), 0)
             return output
-        rewards_per_func = self._last_rewards_per_func
-        plan, rewards, group_ids = self._plan(inputs, rewards_per_func)
-        _, unscorable = self._weighted_rewards(rewards_per_func)
-        if unscorable.any():
-            raise ValueError(
-                f"{int(unscorable.sum())} completion(s) got None/NaN from every reward function; "
-                "gold_placement='append' needs a finite reward for every completion. Return 0.0 for wrong answers."
-            )
+        plan, rewards, group_ids = self._plan(inputs, self._last_rewards_per_func)
         anchors = self._local_rows(plan.anchor_index, num_local)
         counts = self.accelerator.gather(torch.tensor([len(anchors)], device=device)).tolist()
         max_count = max(counts)
@@ -423,50 +391,49 @@ class GCPOTrainer(GRPOTrainer):
         pad_ids = gold_ids[0] if anchors else output["completion_ids"][0][output["completion_mask"][0].bool()].tolist()
         pad_text = texts[0] if anchors else self._gold_completion_text(pad_ids, inputs[0]["prompt"])
         n_pad = max_count - len(anchors)
-        scores = super()._calculate_rewards(
+        scores = self.checked_scores(
             [inputs[a] for a in anchors] + [inputs[pad_row]] * n_pad,
             prompts + [inputs[pad_row]["prompt"]] * n_pad,
             texts + [pad_text] * n_pad,
             gold_ids + [pad_ids] * n_pad,
         )
         # TRL flushed this batch's pending reward logs already; entries from this call have no row to go to.
-        self._pending_extra_logs.clear()
-        self._pending_metrics.clear()
+        drop_pending_reward_logs(self)
         keep = torch.cat([torch.arange(p * max_count, p * max_count + c) for p, c in enumerate(counts)]).to(device)
         gold_scores = scores[keep]
-        if torch.isnan(gold_scores).all(dim=1).any():
-            raise ValueError("a gold completion got None/NaN from every reward function; it needs a finite reward")
-        gold_rewards, _ = self._weighted_rewards(gold_scores)
+        gold_rewards = self.weighted_rewards(gold_scores)
         total_truncated = int(self.accelerator.gather(torch.tensor([num_truncated], device=device)).sum())
         self._log_gold(plan.num_injected, num_groups, gold_rewards, total_truncated, rewards)
 
         all_rewards = torch.cat([rewards, gold_rewards])
         all_groups = torch.cat([group_ids, plan.groups.to(group_ids.device)])
-        advantages = grpo_advantages(all_rewards, all_groups, scale=self.scale_rewards, eps=ADVANTAGE_EPS)
-        rank = self.accelerator.process_index
-        output["advantages"] = advantages[rank * num_local : (rank + 1) * num_local].to(output["advantages"].dtype)
+        advantages = grpo_advantages(all_rewards, all_groups, scale=self.scale_rewards, eps=GRPO_STD_EPS)
+        self.set_advantages(output, self.local_rows(advantages, num_local))
         merged = output
         if anchors:
-            offset = num_global + sum(counts[:rank])
-            gold_batch = self._gold_rows(output, anchors, gold_ids, [t for _, t in gold])
-            gold_batch["advantages"] = advantages[offset : offset + len(anchors)].to(output["advantages"].dtype)
+            offset = num_global + sum(counts[: self.accelerator.process_index])
+            local_scores = scores[self.accelerator.process_index * max_count :][: len(anchors)]
+            logged = [
+                {"prompt": p, "completion": t, "extra": {},
+                 "rewards": dict(zip(self.reward_func_names, row.tolist()))}
+                for p, t, row in zip(prompts, texts, local_scores)
+            ]
+            gold_batch = self._gold_rows(output, anchors, gold_ids, [t for _, t in gold], logged)
+            self.set_advantages(gold_batch, advantages[offset : offset + len(anchors)])
             merged = select_and_concat(
                 [(output, list(range(num_local))), (gold_batch, list(range(len(anchors))))],
-                self._tokenizer.pad_token_id,
+                text_tokenizer(self).pad_token_id,
             )
-        # every process recounts: the global token count changed even where no gold row was added
-        mask = merged["completion_mask"]
-        if merged.get("tool_mask") is not None:
-            mask = mask * merged["tool_mask"]
-        merged["num_items_in_batch"] = self.accelerator.gather(mask.sum()).sum()
+        self.recount_items(merged)  # every process: the global token count changed even where no gold row was added
         return merged
 
-    def _gold_rows(self, output: dict, anchors: list[int], gold_ids: list[list[int]], truncated: list[bool]) -> dict:
+    def _gold_rows(self, output: dict, anchors: list[int], gold_ids: list[list[int]], truncated: list[bool],
+                   logged_rows: list[dict]) -> dict:
         """TRL-shaped tensors for the appended gold rows (same keys as ``output``)."""
         device = self.accelerator.device
-        pad_id = self._tokenizer.pad_token_id
         idx = torch.tensor(anchors, device=device)
         width = max(len(ids) for ids in gold_ids)
+        pad_id = text_tokenizer(self).pad_token_id
         completion_ids = torch.full((len(anchors), width), pad_id, dtype=output["completion_ids"].dtype, device=device)
         completion_mask = torch.zeros((len(anchors), width), dtype=output["completion_mask"].dtype, device=device)
         for r, ids in enumerate(gold_ids):
@@ -478,20 +445,21 @@ class GCPOTrainer(GRPOTrainer):
             "prompt_mask": output["prompt_mask"][idx],
             "completion_ids": completion_ids,
             "completion_mask": completion_mask,
-            "advantages": None,
+            "advantages": output["advantages"][idx],  # replaced by the caller
+            LOGGED_ROWS: logged_rows,
         }
-        input_ids = torch.cat([batch["prompt_ids"], completion_ids], dim=1)
-        attention_mask = torch.cat([batch["prompt_mask"], completion_mask], dim=1)
         for key, value in output.items():
             if key in batch or value is None or (isinstance(value, torch.Tensor) and value.ndim == 0):
                 continue
             if key == "old_per_token_logps":
-                batch[key] = self._score(self.model, input_ids, attention_mask, width)
+                batch[key] = self._gold_logps(self.model, batch)
             elif key == "ref_per_token_logps":
-                batch[key] = self._reference_score(input_ids, attention_mask, width)
+                model, adapter = reference_adapter(self)
+                with adapter:
+                    batch[key] = self._gold_logps(model, batch)
             elif key == "importance_sampling_ratio":  # not sampled by vLLM: no correction
                 batch[key] = torch.ones(len(anchors), 1 if value.size(1) == 1 else width, device=device)
-            elif key == "sampling_per_token_logps":  # NaN = "no sampling log-prob", neutral in TRL 1.16
+            elif key == "sampling_per_token_logps":  # NaN = "no sampling log-prob", neutral in TRL
                 batch[key] = torch.full((len(anchors), width), float("nan"), device=device)
             elif key == "tool_mask":
                 batch[key] = torch.ones_like(completion_ids)
@@ -499,39 +467,23 @@ class GCPOTrainer(GRPOTrainer):
                 raise NotImplementedError(f"gold_placement='append' cannot build batch field {key!r} for gold rows")
         return batch
 
-    @torch.no_grad()
-    def _score(self, model, input_ids, attention_mask, logits_to_keep) -> torch.Tensor:
-        # The same call (and no-grad / no-checkpointing context) as TRL's old-log-prob pass.
-        with disable_gradient_checkpointing(self.model, self.args.gradient_checkpointing_kwargs):
-            logps, _, _ = self._get_per_token_logps_and_entropies(
-                model, input_ids, attention_mask, logits_to_keep, batch_size=self.args.per_device_train_batch_size
-            )
-        return logps
+    def _gold_logps(self, model, batch: dict) -> torch.Tensor:
+        # The same call and no-grad / no-checkpointing context as TRL's old / reference log-prob passes.
+        with scoring_context(self):
+            return policy_forward(self, model, batch, batch_size=self.args.per_device_train_batch_size).logps
 
-    def _reference_score(self, input_ids, attention_mask, logits_to_keep) -> torch.Tensor:
-        # Mirrors TRL 1.16's reference pass: a separate model, or the PEFT model with the adapter off / "ref" adapter.
-        if self.ref_model is not None:
-            return self._score(self.ref_model, input_ids, attention_mask, logits_to_keep)
-        model = self.accelerator.unwrap_model(self.model)
-        with use_adapter(model, adapter_name="ref" if "ref" in model.peft_config else None):
-            return self._score(self.model, input_ids, attention_mask, logits_to_keep)
-
-    def _prepare_inputs(self, generation_batch):
-        """``GRPOTrainer._prepare_inputs`` (TRL 1.16, grpo_trainer.py:1522) for "append": the
-        generation batch may not divide evenly, so it is split with sizes differing by one
-        instead of TRL's ``split_tensor_dict`` (which would drop the remainder rows)."""
-        if self.args.gold_placement != "append" or not self.model.training:
-            return super()._prepare_inputs(generation_batch)
-        generate_every = self.args.steps_per_generation * self.num_iterations
-        if self._step % generate_every == 0 or self._buffered_inputs is None:
-            batch = self._generate_and_score_completions(generation_batch)
-            batch = shuffle_sequence_dict(batch)
-            self._buffered_inputs = split_rows_evenly(batch, self.args.steps_per_generation)
-        return self._buffered_inputs[self._step % self.args.steps_per_generation]
+    def next_micro_batch(self, generation_batch):
+        """TRL's buffering, but for "append" the generation batch may not divide evenly, so it is split
+        with sizes differing by one instead of TRL's equal split (which would drop the remainder rows)."""
+        if self.args.gold_placement != "append" or self.mode != "train":
+            return super().next_micro_batch(generation_batch)
+        steps = self.args.steps_per_generation
+        return buffered_micro_batch(self, generation_batch, split=lambda b: split_rows_evenly(shuffle_rows(b), steps))
 
 
 def _with_extra_fields(inputs: list[dict], extra_fields: dict) -> list[dict]:
-    """Copies of the rows with ``rollout_func`` extra fields merged, as TRL 1.16 does before scoring."""
+    """Copies of the rows with ``rollout_func`` extra fields merged, as TRL does before scoring
+    (``_generate_and_score_completions``, TRL 1.14.2, 1.16.0)."""
     if not extra_fields:
         return inputs
     rows = [dict(x) for x in inputs]

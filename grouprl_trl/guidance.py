@@ -1,5 +1,5 @@
 """GCPO-guidance for TRL: ``GuidanceGCPOTrainer`` / ``GuidanceGCPOConfig``, drop-in replacements
-for ``GRPOTrainer`` / ``GRPOConfig`` (TRL 1.16).
+for ``GRPOTrainer`` / ``GRPOConfig``.
 
 Paper: Li et al., "Guidance Contrastive Token Credit Assignment for Discrete Policy
 Optimization" (arXiv 2605.29198); official code jacklishufan/gcpo (an EasyR1 fork,
@@ -43,6 +43,9 @@ Documented deviations / choices:
   repeats the format instruction, a quirk we do not copy). c- is built from the dataset row's
   ``prompt``; text-only (an ``image``/``images`` column is an error).
 
+The completions table (``log_completions``) lists the rows the update used with their
+sequence advantage ``A_i`` (0 for the filler rows of the filter).
+
 Metrics: ``guidance/weight_max``, ``guidance/divergence_mean``, ``guidance/kept_frac`` (groups
 kept by the filter), ``guidance/skipped_step``, plus TRL's reward, entropy and clip metrics.
 ``credit_map_every=N`` writes an HTML page of a few completions with tokens coloured by their
@@ -53,18 +56,21 @@ from __future__ import annotations
 
 import html
 import math
-from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from trl import GRPOConfig, GRPOTrainer
-from trl.models.utils import disable_gradient_checkpointing
-from trl.trainer.utils import pad
+from trl import GRPOConfig
 
-from grouprl_core.groups import contiguous_group_ids
+from grouprl_core import names
 from grouprl_core.guidance import (
+    DEFAULT_CLIP_HIGH,
+    DEFAULT_DUAL_CLIP,
+    DEFAULT_RANK_X,
+    DEFAULT_RANK_Y,
     EMPTY_PROMPT,
+    FILTER_HIGH,
+    FILTER_LOW,
     NEGATIVE_PROMPT_TYPES,
     WRONG_ANSWER_SUFFIX,
     build_negative_prompt,
@@ -72,20 +78,20 @@ from grouprl_core.guidance import (
     guidance_token_weights,
     token_level_advantages,
 )
-from grouprl_core.losses import aggregate_token_loss, clipped_surrogate_loss, importance_ratio
+from grouprl_core.groups import contiguous_group_ids
+from grouprl_core.losses import clipped_surrogate_loss, importance_ratio
 
-from .batching import token_mean_normalizer
-from .config_checks import reject_unused_grpo_fields
-from .rewards import check_reward_matrix, note_failing_reward_function
+from ._compat import pad_rows, policy_forward, scoring_context, text_tokenizer, tokenize_prompts
+from .base import GroupRLConfigMixin, GroupRLTrainer, unsupported_grpo_fields
 
 WEIGHTS_FROM = ("current", "old_policy")
-FILTER_LOW, FILTER_HIGH = 0.01, 0.99
 CREDIT_MAP_ROWS = 4
+__all__ = ["EMPTY_PROMPT", "WRONG_ANSWER_SUFFIX", "GuidanceGCPOConfig", "GuidanceGCPOTrainer"]
 
 
 # ----------------------------------------------------------------------------- config
 @dataclass
-class GuidanceGCPOConfig(GRPOConfig):
+class GuidanceGCPOConfig(GroupRLConfigMixin, GRPOConfig):
     r"""Configuration for :class:`GuidanceGCPOTrainer`: every ``GRPOConfig`` field plus the fields below.
 
     Defaults follow the official code: clip 0.2 / 0.28, dual clip 3, token-mean (``loss_type="dapo"``),
@@ -93,16 +99,16 @@ class GuidanceGCPOConfig(GRPOConfig):
     """
 
     epsilon_high: float | None = field(
-        default=0.28, metadata={"help": "Upper clip range (DAPO clip-higher); the lower one is `epsilon` (0.2)."}
+        default=DEFAULT_CLIP_HIGH, metadata={"help": "Upper clip range (DAPO clip-higher); the lower one is `epsilon` (0.2)."}
     )
     dual_clip: float | None = field(
-        default=3.0,
+        default=DEFAULT_DUAL_CLIP,
         metadata={"help": "Dual-clip constant c > 1: for A < 0 the per-token loss is capped at -c*A. None disables."},
     )
     rank_x: float = field(
-        default=0.4, metadata={"help": "Rank weights: the top rank_x of tokens (by divergence) carry rank_y of the weight."}
+        default=DEFAULT_RANK_X, metadata={"help": "Rank weights: the top rank_x of tokens (by divergence) carry rank_y of the weight."}
     )
-    rank_y: float = field(default=0.8, metadata={"help": "Rank weights: weight mass of the top rank_x tokens."})
+    rank_y: float = field(default=DEFAULT_RANK_Y, metadata={"help": "Rank weights: weight mass of the top rank_x tokens."})
     weights_from: str = field(
         default="current",
         metadata={
@@ -190,13 +196,9 @@ class GuidanceGCPOConfig(GRPOConfig):
             )
         if self.beta != 0.0:
             raise ValueError(f"beta={self.beta}: GCPO-guidance has no KL term; set beta=0.0")
-        reject_unused_grpo_fields(self, {
-            "top_entropy_quantile": ((1.0,), "not supported by GuidanceGCPOTrainer"),
-            "off_policy_mask_threshold": ((None,), "not supported by GuidanceGCPOTrainer"),
-            "delta": ((None,), "not supported by GuidanceGCPOTrainer"),
-            "entropy_coef": ((0.0,), "use entropy_penalty_coef"),
-            "use_adaptive_entropy": ((False,), "use entropy_penalty_coef"),
-        })
+        self.reject_unused_grpo_fields()
+
+    UNUSED_GRPO_FIELDS = unsupported_grpo_fields("GuidanceGCPOTrainer", entropy_hint="use entropy_penalty_coef")
 
 
 # ----------------------------------------------------------------------------- trainer
@@ -213,47 +215,23 @@ def _select_rows(batch: dict, rows: torch.Tensor) -> dict:
     return out
 
 
-class GuidanceGCPOTrainer(GRPOTrainer):
+class GuidanceGCPOTrainer(GroupRLTrainer):
     """GCPO-guidance (guidance-contrastive token credit) on top of TRL's ``GRPOTrainer`` (same constructor)."""
 
-    _tag_names = ["trl", "gcpo-guidance", "grouprl"]
-    _name = "GCPO-guidance"
-    _paper = {
-        "title": "Guidance Contrastive Token Credit Assignment for Discrete Policy Optimization",
-        "id": "2605.29198",
-    }
+    config_class = GuidanceGCPOConfig
+    algorithm_name = "GCPO-guidance"
+    paper = {"title": "Guidance Contrastive Token Credit Assignment for Discrete Policy Optimization", "id": "2605.29198"}
+    skip_key = "guidance_skip"
 
-    def __init__(self, model, reward_funcs=None, args: GuidanceGCPOConfig | None = None, **kwargs):
-        if args is None:
-            name = model if isinstance(model, str) else model.config._name_or_path
-            args = GuidanceGCPOConfig(f"{str(name).split('/')[-1] or 'model'}-GCPO-guidance")
-        if not isinstance(args, GuidanceGCPOConfig):
-            raise TypeError(f"GuidanceGCPOTrainer needs args=GuidanceGCPOConfig(...), got {type(args).__name__}")
-        super().__init__(model, reward_funcs, args=args, **kwargs)
-        if args.accuracy_reward is not None and args.accuracy_reward not in self.reward_func_names:
+    def init_algorithm(self):
+        accuracy_reward = self.args.accuracy_reward
+        if accuracy_reward is not None and accuracy_reward not in self.reward_func_names:
             raise ValueError(
-                f"accuracy_reward={args.accuracy_reward!r} is not one of the reward functions {self.reward_func_names}"
+                f"accuracy_reward={accuracy_reward!r} is not one of the reward functions {self.reward_func_names}"
             )
-        self._last_rewards_per_func = None
         self._last_credit_map_step = -1
 
     # ------------------------------------------------------------------ generation side
-    def _calculate_rewards(self, inputs, prompts, completions, completion_ids_list):
-        """``GRPOTrainer._calculate_rewards`` (TRL 1.16), keeping the gathered ``(N_global, n_funcs)`` rewards.
-
-        Errors instead of TRL's silent paths: an inf reward (TRL's advantages would be NaN) or a
-        completion no function scored (all None/NaN); an exception inside a reward function gets
-        a note naming it.
-        """
-        try:
-            rewards_per_func = super()._calculate_rewards(inputs, prompts, completions, completion_ids_list)
-        except Exception as err:
-            note_failing_reward_function(err, self.reward_funcs, self.reward_func_names)
-            raise
-        check_reward_matrix(rewards_per_func, self.reward_func_names, "GCPO-guidance")
-        self._last_rewards_per_func = rewards_per_func
-        return rewards_per_func
-
     def _negative_prompt_tensors(self, inputs: list[dict]) -> tuple[torch.Tensor, torch.Tensor]:
         """Left-padded ``(neg_prompt_ids, neg_prompt_mask)`` for the dataset rows, tokenised like TRL's prompts."""
         if any(("image" in x or "images" in x) for x in inputs):
@@ -266,16 +244,15 @@ class GuidanceGCPOTrainer(GRPOTrainer):
         if self.environment_factories is None:  # each prompt comes num_generations times: tokenise it once
             keys = [repr(p) for p in prompts]
             distinct = dict(zip(keys, prompts))
-            ids_of = dict(zip(distinct, self._tokenize_prompts(negatives(distinct.values()))[0], strict=True))
+            ids_of = dict(zip(distinct, tokenize_prompts(self, negatives(distinct.values())), strict=True))
             ids_list = [ids_of[k] for k in keys]
         else:  # per-row tool schemas (TRL renders row by row)
-            ids_list = self._tokenize_prompts(negatives(prompts))[0]
+            ids_list = tokenize_prompts(self, negatives(prompts))
         device = self.accelerator.device
         ids = [torch.tensor(row) for row in ids_list]
         masks = [torch.ones_like(t, dtype=torch.long) for t in ids]
-        ids = pad(ids, padding_value=self._tokenizer.pad_token_id, padding_side="left",
-                  pad_to_multiple_of=self.pad_to_multiple_of)
-        masks = pad(masks, padding_value=0, padding_side="left", pad_to_multiple_of=self.pad_to_multiple_of)
+        ids = pad_rows(ids, text_tokenizer(self).pad_token_id, "left", self.pad_to_multiple_of)
+        masks = pad_rows(masks, 0, "left", self.pad_to_multiple_of)
         return ids.to(device), masks.to(device)
 
     def _accuracy(self) -> torch.Tensor:
@@ -284,20 +261,20 @@ class GuidanceGCPOTrainer(GRPOTrainer):
         if self.args.accuracy_reward is not None:
             accuracy = rpf[:, self.reward_func_names.index(self.args.accuracy_reward)]
         else:
-            accuracy = (rpf * self.reward_weights.to(rpf.device).unsqueeze(0)).nansum(dim=1)
+            accuracy = self.weighted_rewards(rpf)
         return torch.nan_to_num(accuracy, nan=0.0)
 
-    def _generate_and_score_completions(self, inputs):
-        """``super()``, then the negative prompts, the dynamic filter (train only) and, with
+    def assemble_batch(self, inputs):
+        """TRL's batch, then the negative prompts, the dynamic filter (train only) and, with
         ``weights_from="old_policy"``, the token weights."""
-        output = super()._generate_and_score_completions(inputs)
-        output["neg_prompt_ids"], output["neg_prompt_mask"] = self._negative_prompt_tensors(inputs)
-        mode = "train" if self.model.training else "eval"
+        batch = super().assemble_batch(inputs)
+        batch["neg_prompt_ids"], batch["neg_prompt_mask"] = self._negative_prompt_tensors(inputs)
+        mode = self.mode
         if mode == "train" and self.args.dynamic_filter:
-            output = self._dynamic_filter(output, self._accuracy())
-        if self.args.weights_from == "old_policy" and not bool(output.get("guidance_skip", False)):
-            self._old_policy_weights(output, mode)
-        return output
+            batch = self._dynamic_filter(batch, self._accuracy())
+        if self.args.weights_from == "old_policy" and not bool(batch.get(self.skip_key, False)):
+            self._old_policy_weights(batch, mode)
+        return batch
 
     def _dynamic_filter(self, batch: dict, accuracy: torch.Tensor) -> dict:
         """Remove this process's rows whose group mean accuracy is <= 0.01 or >= 0.99.
@@ -309,10 +286,9 @@ class GuidanceGCPOTrainer(GRPOTrainer):
         no group is kept on any process.
         """
         n = batch["completion_ids"].size(0)
-        rank = self.accelerator.process_index
         group_ids = contiguous_group_ids(accuracy.numel(), self.num_generations, device=accuracy.device)
         keep_global = dynamic_filter_keep(accuracy, group_ids, FILTER_LOW, FILTER_HIGH)
-        keep = keep_global[rank * n : (rank + 1) * n].to(batch["completion_ids"].device)
+        keep = self.local_rows(keep_global, n).to(batch["completion_ids"].device)
 
         chunks = self.args.steps_per_generation
         kept_rows = keep.nonzero().flatten()
@@ -324,51 +300,30 @@ class GuidanceGCPOTrainer(GRPOTrainer):
         out["completion_mask"] = out["completion_mask"] * (~is_filler).unsqueeze(1).to(out["completion_mask"].dtype)
         out["advantages"] = out["advantages"].masked_fill(is_filler, 0.0)
 
-        loss_mask = out["completion_mask"] if out.get("tool_mask") is None else out["completion_mask"] * out["tool_mask"]
-        out["num_items_in_batch"] = self.accelerator.gather(loss_mask.sum()).sum()
+        self.recount_items(out)
         kept_total = int(keep_global.sum().item())
-        out["guidance_skip"] = torch.tensor(kept_total == 0, device=keep.device)
-        self._metrics["train"]["guidance/kept_frac"].append(kept_total / keep_global.numel())
-        self._metrics["train"]["guidance/skipped_step"].append(float(kept_total == 0))
+        out[self.skip_key] = torch.tensor(kept_total == 0, device=keep.device)
+        self.record_metric(names.GUIDANCE_KEPT_FRAC, kept_total / keep_global.numel(), "train")
+        self.record_metric(names.GUIDANCE_SKIPPED_STEP, float(kept_total == 0), "train")
         return out
 
     def _old_policy_weights(self, batch: dict, mode: str) -> None:
         """``weights_from="old_policy"``: weights from no-grad passes of the generating policy, once per batch."""
-        completion_ids, completion_mask = batch["completion_ids"], batch["completion_mask"]
         batch_size = self.args.per_device_train_batch_size if mode == "train" else self.args.per_device_eval_batch_size
         logp_pos = batch.get("old_per_token_logps")
         if logp_pos is None:
-            with torch.no_grad(), self._checkpointing_off():
-                logp_pos, _, _ = self._get_per_token_logps_and_entropies(
-                    self.model,
-                    torch.cat([batch["prompt_ids"], completion_ids], dim=1),
-                    torch.cat([batch["prompt_mask"], completion_mask], dim=1),
-                    completion_ids.size(1),
-                    batch_size=batch_size,
-                )
+            with scoring_context(self):
+                logp_pos = policy_forward(self, self.model, batch, batch_size=batch_size).logps
         logp_neg = self._negative_logps(self.model, batch, batch_size=batch_size)
-        mask = completion_mask if batch.get("tool_mask") is None else completion_mask * batch["tool_mask"]
+        mask = self.loss_mask(batch)
         batch["guidance_weights"], batch["guidance_divergence"] = self._token_weights(logp_pos, logp_neg, mask, mode)
 
     # ------------------------------------------------------------------ weights
-    def _checkpointing_off(self):
-        """No-grad passes run without gradient checkpointing (as TRL's own old/ref passes do)."""
-        if not self.args.gradient_checkpointing:
-            return nullcontext()  # skips the walk over all modules that the toggle costs
-        return disable_gradient_checkpointing(self.model, self.args.gradient_checkpointing_kwargs)
-
     def _negative_logps(self, model, inputs: dict, batch_size: int | None = None) -> torch.Tensor:
         """(B, T) no-grad log-probs of the completion tokens under the negative context."""
-        completion_ids = inputs["completion_ids"]
-        with torch.no_grad(), self._checkpointing_off():
-            logps, _, _ = self._get_per_token_logps_and_entropies(
-                model,
-                torch.cat([inputs["neg_prompt_ids"], completion_ids], dim=1),
-                torch.cat([inputs["neg_prompt_mask"], inputs["completion_mask"]], dim=1),
-                completion_ids.size(1),
-                batch_size=batch_size,
-            )
-        return logps
+        with scoring_context(self):
+            prompt = (inputs["neg_prompt_ids"], inputs["neg_prompt_mask"])
+            return policy_forward(self, model, inputs, prompt=prompt, batch_size=batch_size).logps
 
     def _token_weights(self, logp_pos, logp_neg, mask, mode: str) -> tuple[torch.Tensor, torch.Tensor]:
         """Rank weights and k3 divergence (both (B, T), float32, detached) + their metrics."""
@@ -377,81 +332,37 @@ class GuidanceGCPOTrainer(GRPOTrainer):
         )
         m = mask.to(torch.float32)
         local_max = (weights * m).max() if m.numel() > 0 else weights.new_zeros(())
-        self._metrics[mode]["guidance/weight_max"].append(self.accelerator.gather(local_max).max().item())
-        totals = self.accelerator.reduce(torch.stack([(divergence * m).sum(), m.sum()]), reduction="sum")
-        self._metrics[mode]["guidance/divergence_mean"].append((totals[0] / totals[1].clamp(min=1.0)).item())
+        self.record_metric(names.GUIDANCE_WEIGHT_MAX, self.accelerator.gather(local_max).max().item(), mode)
+        self.record_metric(names.GUIDANCE_DIVERGENCE_MEAN, self.global_masked_mean(divergence, mask), mode)
         return weights, divergence
 
     # ------------------------------------------------------------------ loss
-    def _compute_loss(self, model, inputs):
-        """Clipped surrogate on ``A_it = A_i * w_it``, DAPO token-mean, optional entropy penalty.
+    def algorithm_loss(self, model, inputs):
+        """Clipped surrogate on ``A_it = A_i * w_it`` (clip-higher, dual clip), DAPO token-mean, optional
+        entropy penalty; the loss tail (vLLM correction, MoE aux loss, scaling) is the base's.
 
-        Replaces ``GRPOTrainer._compute_loss`` (TRL 1.16, grpo_trainer.py:3020) for ``loss_type="dapo"``:
-        same inputs, same old/vLLM importance-sampling handling, same normaliser and gradient-
-        accumulation scaling (``loss_is_scaled_for_ga = True``). With ``weights_from="current"``
-        the negative context is scored first (no grad), then the policy forward runs once and
-        its detached log-probs are the positive scores.
+        With ``weights_from="current"`` the negative context is scored first (no grad), then the
+        policy forward runs once and its detached log-probs are the positive scores.
         """
-        mode = "train" if self.model.training else "eval"
-        if mode == "train" and bool(inputs.get("guidance_skip", False)):
-            # No forward, no graph: backward leaves every .grad as None, so the optimizer step is a no-op.
-            return torch.zeros((), device=self.accelerator.device, requires_grad=True)
-        prompt_ids, prompt_mask = inputs["prompt_ids"], inputs["prompt_mask"]
-        completion_ids, completion_mask = inputs["completion_ids"], inputs["completion_mask"]
-        mask = completion_mask if inputs.get("tool_mask") is None else completion_mask * inputs["tool_mask"]
+        mask = self.loss_mask(inputs)
         logp_neg = self._negative_logps(model, inputs) if "guidance_weights" not in inputs else None
-
-        per_token_logps, entropies, aux_loss = self._get_per_token_logps_and_entropies(
-            model,
-            torch.cat([prompt_ids, completion_ids], dim=1),
-            torch.cat([prompt_mask, completion_mask], dim=1),
-            completion_ids.size(1),
-            compute_entropy=True,
-            compute_aux_loss=self.aux_loss_enabled,
-        )
+        out = self.forward_policy(model, inputs)
         if logp_neg is None:
             weights, divergence = inputs["guidance_weights"], inputs["guidance_divergence"]
         else:
-            weights, divergence = self._token_weights(per_token_logps, logp_neg, mask, mode)
-        advantages = token_level_advantages(inputs["advantages"], weights.to(per_token_logps.dtype))
-
-        old_per_token_logps = inputs.get("old_per_token_logps")
-        old_per_token_logps = per_token_logps.detach() if old_per_token_logps is None else old_per_token_logps
-        ratio = importance_ratio(per_token_logps, old_per_token_logps, mask, self.importance_sampling_level)
+            weights, divergence = self._token_weights(out.logps, logp_neg, mask, self.mode)
+        advantages = token_level_advantages(inputs["advantages"], weights.to(out.logps.dtype))
+        ratio = importance_ratio(out.logps, self.old_logps(inputs, out.logps), mask, self.importance_sampling_level)
         per_token_loss = clipped_surrogate_loss(
             ratio, advantages, self.epsilon_low, self.epsilon_high, dual_clip=self.args.dual_clip
         )
-        if self.use_vllm and self.vllm_importance_sampling_correction:
-            per_token_loss = per_token_loss * inputs["importance_sampling_ratio"]
-        if self.args.entropy_penalty_coef != 0.0:
-            per_token_loss = per_token_loss + self.args.entropy_penalty_coef * (-per_token_logps)
-
-        normalizer = token_mean_normalizer(self, inputs, mode)
-        loss = aggregate_token_loss(per_token_loss, mask, "token-mean", total_tokens=normalizer)
-        if self.aux_loss_enabled:
-            accumulation = self.current_gradient_accumulation_steps if mode == "train" else 1.0
-            loss = loss + self.router_aux_loss_coef * aux_loss / accumulation
-            self._metrics[mode]["aux_loss"].append(self.accelerator.gather(aux_loss).mean().item())
-
-        self._log_loss_metrics(entropies, ratio, advantages, mask, mode)
-        if mode == "train" and self.args.credit_map_every > 0:
+        coef = self.args.entropy_penalty_coef
+        penalty = coef * (-out.logps) if coef != 0.0 else None
+        self.log_clip_metrics(ratio, mask, advantages)
+        loss = self.finish_loss(per_token_loss, inputs, out, agg="token-mean", ratio=ratio, extra=penalty)
+        if self.mode == "train" and self.args.credit_map_every > 0:
             self._maybe_write_credit_map(inputs, weights, divergence, mask)
         return loss
-
-    def _log_loss_metrics(self, entropies, ratio, advantages, mask, mode):
-        m = mask.to(torch.float32)
-
-        def global_mean(x):
-            x = x.expand_as(m).to(torch.float32)
-            totals = self.accelerator.reduce(torch.stack([(x * m).sum(), m.sum()]), reduction="sum")
-            return (totals[0] / totals[1].clamp(min=1.0)).item()
-
-        low = (ratio < 1 - self.epsilon_low) & (advantages < 0)
-        high = (ratio > 1 + self.epsilon_high) & (advantages > 0)
-        self._metrics[mode]["entropy"].append(global_mean(entropies.detach()))
-        self._metrics[mode]["clip_ratio/low_mean"].append(global_mean(low))
-        self._metrics[mode]["clip_ratio/high_mean"].append(global_mean(high))
-        self._metrics[mode]["clip_ratio/region_mean"].append(global_mean(low | high))
 
     # ------------------------------------------------------------------ credit maps
     def _maybe_write_credit_map(self, inputs, weights, divergence, mask):
@@ -467,7 +378,7 @@ class GuidanceGCPOTrainer(GRPOTrainer):
 
     def _credit_map_html(self, inputs, weights, divergence, mask, step: int) -> str:
         """A small HTML page: a few completions, each token's background as dark as its weight."""
-        tok = self._tokenizer
+        tok = text_tokenizer(self)
         rows = [i for i in range(mask.size(0)) if mask[i].any()][:CREDIT_MAP_ROWS]
         parts = [
             "<!doctype html><meta charset='utf-8'><title>GCPO-guidance credit map</title>",

@@ -1,6 +1,6 @@
 """Reward-function fault handling shared by grouprl's TRL trainers.
 
-TRL 1.16's ``GRPOTrainer._calculate_rewards`` already names the function when it returns the
+TRL's ``GRPOTrainer._calculate_rewards`` (1.14.2-1.16) already names the function when it returns the
 wrong number of rewards. It does not name a function that *raises*, and it lets NaN/inf
 rewards through (``None`` becomes NaN and is skipped by ``nansum``; ``inf`` turns the group's
 advantages into NaN, and the NaN reaches the weights). These helpers close both gaps.

@@ -6,6 +6,34 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import pytest  # noqa: E402
 
+# Modules that run grouprl's TRL trainers (or TRL's parser on their configs). They get the `trl`
+# marker, so CI runs exactly them on every supported TRL version: `pytest -m trl`.
+TRL_FACING = {
+    "test_cli.py",
+    "test_copo_trainer.py",
+    "test_core_gold.py",
+    "test_demo.py",
+    "test_distributed_gold.py",
+    "test_distributed_trainers.py",
+    "test_gcpo_trainer.py",
+    "test_gpg_trainer.py",
+    "test_guidance.py",
+    "test_guidance_trainer.py",
+    "test_parity_trl_verl.py",
+    "test_recipes.py",
+    "test_reliability.py",
+    "test_reliability_gold.py",
+    "test_trl_adapter.py",
+    "test_trl_contract.py",
+}
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        verl_recipe = item.path.name == "test_recipes.py" and "verl" in item.name  # Hydra/verl, not TRL
+        if item.path.name in TRL_FACING and not verl_recipe:
+            item.add_marker(pytest.mark.trl)
+
 
 def tiny_trainer_kwargs(tmp_path, **overrides):
     """Config fields every CPU trainer test shares (tiny batches, no bf16, no checkpointing)."""

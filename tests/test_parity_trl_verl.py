@@ -10,8 +10,11 @@ reward on the last response token.
   ``_negative_logps``, ``compute_loss``) on the tiny model; the verl side is ``compute_advantage``,
   the hooks and the registered loss fed with the same model's log-probs. Losses and their
   gradients on the model's parameters must agree.
-* GCPO-gold and COPO: their TRL trainers are written elsewhere; the TRL side is the grouprl_core
-  calls they make (GRPO advantage + GSPO sequence-ratio loss; COPO advantages + blended loss).
+* GCPO-gold and COPO: the TRL side is the trainers' own generation batch
+  (``_generate_and_score_completions`` on the tiny model, with the gold injection resp. COPO's
+  advantages, gate and blend weights) and TRL's / COPO's ``compute_loss``; the verl side is
+  ``compute_advantage`` with the registered estimator (+ ``attach_copo_fields``) and verl's ``gspo`` /
+  the registered ``grouprl_copo`` loss on the same rows, in verl's shuffled order.
 """
 
 from __future__ import annotations
@@ -31,18 +34,9 @@ from verl.trainer.ppo.ray_trainer import compute_advantage  # noqa: E402
 from verl.workers.config import ActorConfig, PolicyLossConfig  # noqa: E402
 
 import grouprl_verl.register  # noqa: E402,F401
-from grouprl_core import (  # noqa: E402
-    aggregate_token_loss,
-    clipped_surrogate_loss,
-    contiguous_group_ids,
-    copo_advantages,
-    copo_blend_weight,
-    copo_token_loss,
-    encode_answers,
-    grpo_advantages,
-    sequence_log_ratio,
-)
-from grouprl_trl.tiny import build_tiny_model, build_tokenizer, build_toy_dataset  # noqa: E402
+from grouprl_core.copo import answer_keys  # noqa: E402
+from grouprl_core.grpo import GRPO_STD_EPS  # noqa: E402
+from grouprl_trl.tiny import build_tiny_model, build_tokenizer, build_toy_dataset, toy_extract_answer  # noqa: E402
 from grouprl_verl import hooks, losses  # noqa: E402
 from grouprl_verl.config import COPOOptions, GuidanceOptions  # noqa: E402
 
@@ -77,12 +71,13 @@ def trl_batch(tok):
     }
 
 
-def verl_batch(batch, old_log_probs=None, answers=None):
-    """The same rows as a verl DataProto, shuffled by PERM (inputs in TRL order)."""
+def verl_batch(batch, old_log_probs=None, answers=None, rewards=REWARDS):
+    """The same rows as a verl DataProto, shuffled by PERM (inputs in TRL order); the outcome reward
+    sits on each response's last valid token."""
     mask = batch["completion_mask"].float()
-    scores = torch.zeros(2 * G, T)
-    for i, length in enumerate(LENGTHS):
-        scores[i, length - 1] = REWARDS[i]
+    scores = torch.zeros_like(mask)
+    for i, length in enumerate(batch["completion_mask"].sum(1).tolist()):
+        scores[i, length - 1] = rewards[i]
     prompts, responses = batch["prompt_ids"], batch["completion_ids"]
     attention = torch.cat([batch["prompt_mask"], batch["completion_mask"]], dim=1)
     tensors = {
@@ -223,57 +218,95 @@ def test_guidance_trainer_and_verl_agree(tmp_path, tok):
     )
 
 
-# ----------------------------------------------------------------------------- GCPO-gold (TRL side: grouprl_core)
-def test_gcpo_advantages_and_gspo_loss_agree_with_core(tok):
-    batch = trl_batch(tok)
+# ----------------------------------------------------------------------------- GCPO-gold
+GOLD_ROWS = [{"prompt": "qa:", "solution": "1"}, {"prompt": "qb:", "solution": "2"}]
+
+
+def gold_table_reward(completions, solution, **kwargs):
+    """Group a: 1, 0, 0, 1 by position; group b: all 0 (all wrong, so it gets the gold); the gold text scores 0.5."""
+    return [0.5 if c == "zq" + s else float(i < G and i % 3 == 0)
+            for i, (c, s) in enumerate(zip(completions, solution, strict=True))]
+
+
+def perturbed_old_logps(trainer, model, batch, scale, seed):
+    with torch.no_grad():
+        logp = policy_logps(trainer, model, batch)
+    return logp + scale * torch.randn(logp.shape, generator=torch.Generator().manual_seed(seed))
+
+
+def test_gcpo_trainer_and_verl_agree(tmp_path, tok):
+    from datasets import Dataset
+
+    from grouprl_trl import GCPOConfig, GCPOTrainer
+
+    model = build_tiny_model(tok, seed=2)
+    args = GCPOConfig(**tiny_trainer_kwargs(tmp_path, max_completion_length=T, gold_template="zq{solution}"))
+    trainer = GCPOTrainer(model=model, reward_funcs=gold_table_reward, args=args,
+                          train_dataset=Dataset.from_list(GOLD_ROWS), processing_class=tok)
+    model.train()
+    batch = trainer._generate_and_score_completions([dict(r) for r in GOLD_ROWS for _ in range(G)])
+    model.eval()  # the loss without gradient-accumulation division
+    texts = tok.batch_decode(batch["completion_ids"], skip_special_tokens=True)
+    assert texts[2 * G - 1] == "zq2"  # the all-wrong group's last rollout is the gold completion
+    rewards = torch.tensor(gold_table_reward(texts, [r["solution"] for r in GOLD_ROWS for _ in range(G)]))
+    assert rewards.tolist() == [1, 0, 0, 1, 0, 0, 0, 0.5]
+    # sequence log-ratios of a few 1e-4: GSPO's clip (3e-4 / 4e-4) binds on some sequences only
+    batch["old_per_token_logps"] = perturbed_old_logps(trainer, model, batch, 8e-4, seed=2)
+
+    data = verl_batch(batch, old_log_probs=batch["old_per_token_logps"], rewards=rewards)
+    data.batch["advantages"] = advantages(data, "grouprl_gcpo", gcpo={"eps": GRPO_STD_EPS})
     mask = batch["completion_mask"].float()
-    gen = torch.Generator().manual_seed(2)
-    logp = (-torch.rand(2 * G, T, generator=gen) * 3).requires_grad_(True)
-    # sequence log-ratios of group a come out as about [-1, 5, -1, 7] * 1e-4: row 3 (A > 0) is clipped at 1 + 4e-4
-    old = logp.detach() + 8e-4 * torch.randn(2 * G, T, generator=gen)
-    core_adv = grpo_advantages(REWARDS, contiguous_group_ids(2 * G, G), scale="group", eps=1e-6)
-    ratio = torch.exp(sequence_log_ratio(logp, old, mask))
-    core_loss = aggregate_token_loss(
-        clipped_surrogate_loss(ratio, core_adv, 3e-4, 4e-4).expand_as(mask), mask, "seq-mean-token-mean"
+    torch.testing.assert_close(data.batch["advantages"][UNPERM], batch["advantages"].unsqueeze(-1) * mask)
+
+    config = actor_config("gspo", clip_ratio_low=3e-4, clip_ratio_high=4e-4)  # GCPO-gold's loss is verl's gspo
+    trl_loss = trainer.compute_loss(model, batch)
+    ours = verl_loss("gspo", data, policy_logps(trainer, model, batch)[PERM], "seq-mean-token-mean", config)
+    torch.testing.assert_close(ours, trl_loss)
+    assert 0 < trainer._metrics["eval"]["clip_ratio/region_mean"][-1] < 1  # TRL's metric: clipped sequences
+    assert_same_grads(
+        grads(model, trainer.compute_loss(model, batch)),
+        grads(model, verl_loss("gspo", data, policy_logps(trainer, model, batch)[PERM], "seq-mean-token-mean", config)),
     )
-    core_grad = torch.autograd.grad(core_loss, logp)[0]
-    assert torch.all(core_grad[3] == 0) and torch.all(core_grad[0, :4] != 0)  # one clipped, one free sequence
-
-    data = verl_batch(batch, old_log_probs=old)
-    data.batch["advantages"] = advantages(data, "grouprl_gcpo")
-    torch.testing.assert_close(data.batch["advantages"][UNPERM], core_adv.unsqueeze(-1) * mask)
-    lp = logp.detach()[PERM].requires_grad_(True)
-    config = actor_config("gspo", clip_ratio_low=3e-4, clip_ratio_high=4e-4)
-    ours = verl_loss("gspo", data, lp, "seq-mean-token-mean", config)  # GCPO's loss is verl's built-in gspo
-    torch.testing.assert_close(ours, core_loss)
-    torch.testing.assert_close(torch.autograd.grad(ours, lp)[0][UNPERM], core_grad)
 
 
-# ----------------------------------------------------------------------------- COPO (TRL side: grouprl_core)
+# ----------------------------------------------------------------------------- COPO
+def position_reward(completions, **kwargs):
+    return [float(REWARDS[i % (2 * G)]) for i in range(len(completions))]
+
+
 @pytest.mark.parametrize("blend", ["only-soft", "soft-with-zero"])
-def test_copo_advantages_and_loss_agree_with_core(tok, blend):
-    batch = trl_batch(tok)
-    mask = batch["completion_mask"].float()
-    gen = torch.Generator().manual_seed(3)
-    logp = (-torch.rand(2 * G, T, generator=gen) * 3).requires_grad_(True)
-    old = logp.detach() + 0.4 * torch.randn(2 * G, T, generator=gen)
-    opts = COPOOptions(blend=blend)
-    core = copo_advantages(REWARDS, contiguous_group_ids(2 * G, G), encode_answers(ANSWERS), gate_k=5.0, gate_b=1.0)
-    weight = copo_blend_weight(core.gate, REWARDS, core.local, blend)
-    core_loss = aggregate_token_loss(
-        copo_token_loss(torch.exp(logp - old), core.local, core.global_, weight, dual_clip=3.0), mask, "seq-mean-token-mean"
-    )
-    core_grad = torch.autograd.grad(core_loss, logp)[0]
+def test_copo_trainer_and_verl_agree(tmp_path, tok, blend):
+    from grouprl_trl import COPOConfig, COPOTrainer
 
-    data = verl_batch(batch, old_log_probs=old, answers=ANSWERS)
+    model = build_tiny_model(tok, seed=3)
+    args = COPOConfig(**tiny_trainer_kwargs(tmp_path, max_completion_length=T, blend=blend,
+                                            answer_extractor=toy_extract_answer))
+    trainer = COPOTrainer(model=model, reward_funcs=position_reward, args=args,
+                          train_dataset=build_toy_dataset(num_rows=8), processing_class=tok)
+    model.train()
+    batch = trainer._generate_and_score_completions([trainer.train_dataset[i] for i in range(2) for _ in range(G)])
+    model.eval()
+    texts = tok.batch_decode(batch["completion_ids"], skip_special_tokens=True)
+    answers = answer_keys([toy_extract_answer(t) for t in texts], REWARDS.tolist())
+    batch["old_per_token_logps"] = perturbed_old_logps(trainer, model, batch, 0.4, seed=3)  # clips bind
+
+    data = verl_batch(batch, old_log_probs=batch["old_per_token_logps"], answers=answers)
     data.batch["advantages"] = advantages(data, "grouprl_copo")
-    hooks.attach_copo_fields(data, opts)
-    torch.testing.assert_close(data.batch["advantages"][UNPERM], core.local.unsqueeze(-1) * mask)
-    torch.testing.assert_close(data.batch["grouprl_copo_global"][UNPERM], core.global_)
-    torch.testing.assert_close(data.batch["grouprl_copo_weight"][UNPERM], weight)
-    lp = logp.detach()[PERM].requires_grad_(True)
+    hooks.attach_copo_fields(data, COPOOptions(blend=blend))
+    mask = batch["completion_mask"].float()
+    torch.testing.assert_close(data.batch["advantages"][UNPERM], batch["advantages"].unsqueeze(-1) * mask)
+    torch.testing.assert_close(data.batch["grouprl_copo_global"][UNPERM], batch["copo_global_advantages"])
+    torch.testing.assert_close(data.batch["grouprl_copo_weight"][UNPERM], batch["copo_local_weight"])
+    assert batch["copo_global_advantages"].abs().sum() > 0  # group b (all correct) has a global signal
+
     extras = {k: data.batch[k] for k in ("grouprl_copo_local", "grouprl_copo_global", "grouprl_copo_weight")}
-    with losses.loss_extras(extras):
-        ours = verl_loss("grouprl_copo", data, lp, "seq-mean-token-mean", actor_config("grouprl_copo", clip_ratio_c=3.0))
-    torch.testing.assert_close(ours, core_loss)
-    torch.testing.assert_close(torch.autograd.grad(ours, lp)[0][UNPERM], core_grad)
+    config = actor_config("grouprl_copo", clip_ratio_c=3.0)
+
+    def verl_copo_loss():
+        with losses.loss_extras(extras):
+            return verl_loss("grouprl_copo", data, policy_logps(trainer, model, batch)[PERM], "seq-mean-token-mean",
+                             config)
+
+    torch.testing.assert_close(verl_copo_loss(), trainer.compute_loss(model, batch))
+    assert trainer._metrics["eval"]["clip_ratio/region_mean"][-1] > 0
+    assert_same_grads(grads(model, trainer.compute_loss(model, batch)), grads(model, verl_copo_loss()))

@@ -10,7 +10,16 @@ import pytest
 import torch
 from conftest import tiny_trainer_kwargs
 
-from grouprl_trl import GPGConfig, GPGTrainer, GuidanceGCPOConfig, GuidanceGCPOTrainer
+from grouprl_trl import (
+    COPOConfig,
+    COPOTrainer,
+    GCPOConfig,
+    GCPOTrainer,
+    GPGConfig,
+    GPGTrainer,
+    GuidanceGCPOConfig,
+    GuidanceGCPOTrainer,
+)
 from grouprl_trl.tiny import build_tiny_model, build_tokenizer, build_toy_dataset
 
 
@@ -82,8 +91,11 @@ def test_gpg_resume_from_a_checkpoint_without_gpg_state_is_an_error(tmp_path):
 
 
 # ----------------------------------------------------------------------------- faulty rewards and data
-TRAINERS = {
+TRAINERS = {  # every trainer refuses faulty rewards the same way (one policy, in grouprl_trl.base)
     "gpg": (GPGTrainer, GPGConfig, {"valid_threshold": 0.0}),
+    "gcpo": (GCPOTrainer, GCPOConfig, {}),
+    "gcpo_append": (GCPOTrainer, GCPOConfig, {"gold_placement": "append"}),
+    "copo": (COPOTrainer, COPOConfig, {"answer_extractor": "grouprl_trl.tiny.toy_extract_answer"}),
     "guidance": (GuidanceGCPOTrainer, GuidanceGCPOConfig, {}),
 }
 
