@@ -218,7 +218,10 @@ def apply_overrides(recipe: dict, overrides: list[str]) -> dict:
         key, sep, text = item.partition("=")
         if not sep or not key:
             raise RecipeError(f"override {item!r} is not of the form key=value")
-        value = parse_override_value(text)
+        try:
+            value = parse_override_value(text)
+        except yaml.YAMLError as err:
+            raise RecipeError(f"override {item!r}: the value is not valid YAML ({getattr(err, 'problem', err)})") from err
         parts = key.split(".")
         if recipe["backend"] == "verl" and parts[0] not in recipe and parts[0] not in VERL_SECTION_PREFIX:
             recipe.setdefault("overrides", {})[key] = value
