@@ -263,6 +263,8 @@ def evaluate(model: str, benchmarks: list[str], n: int = 1, settings: Generation
     datasets = {name: load_benchmark(name, data_dir, template, limit) for name in names}
     backend_name, generate = make_generator(model, settings, backend, generator)
     paper_name, paper = paper_row(model, paper_model)
+    # the template the prompts were built with: --template, else each benchmark's default (grouprl.data.SOURCES)
+    template = template or ",".join(sorted({data_mod.get_source(name).template for name in names}))
     result = {"model": model, "backend": backend_name, "n": n, "settings": asdict(settings), "template": template,
               "paper_model": paper_name, "benchmarks": {}}
     all_rows = []
