@@ -136,11 +136,12 @@ def _hub_id_problem(name: str) -> str | None:
     return None
 
 
-def check_model(report: Report, name: str, field_name: str) -> None:
-    """A local model folder, or a well-formed hub id (looked up in the local cache only)."""
+def check_model(report: Report, name: str, field_name: str, embedded_tiny: bool = False) -> None:
+    """A local model folder, or a well-formed hub id (looked up in the local cache only);
+    ``embedded_tiny``: the name ``tiny`` is grouprl_trl's in-memory model (TRL recipes)."""
     from grouprl.train_trl import TINY_MODEL
 
-    if name == TINY_MODEL:
+    if embedded_tiny and name == TINY_MODEL:
         report.add("model", OK, f"{field_name}: {name} (embedded tiny model, built in memory)")
         return
     path = Path(name).expanduser()
@@ -174,7 +175,7 @@ def check_model(report: Report, name: str, field_name: str) -> None:
 
 def _check_hardware(report: Report, machine_fn, gpus: int, memory_gb, force: bool, fewer_hint: str,
                     nodes: int = 1) -> None:
-    per_gpu = f" with >= {memory_gb:g} GB each" if memory_gb else ""
+    per_gpu = f" with >= {memory_gb:g} GB{' each' if gpus > 1 else ''}" if memory_gb else ""
     need = "CPU only" if gpus == 0 else f"{gpus} GPU{'s' if gpus > 1 else ''}{per_gpu}"
     if nodes > 1:
         need += f" on each of {nodes} nodes"
@@ -384,7 +385,7 @@ def _preflight_trl(report: Report, recipe: dict, force: bool, machine_fn) -> Non
         no_gpu_here = not uses_cpu and not machine_once().gpu_memory_gb
         _check_trl_config(report, recipe, no_gpu_here)
     _check_trl_data(report, recipe)
-    check_model(report, str(recipe["model_name_or_path"]), "model_name_or_path")
+    check_model(report, str(recipe["model_name_or_path"]), "model_name_or_path", embedded_tiny=True)
     if "transformers" not in missing:
         _check_trl_resume(report, recipe)
     _check_hardware(report, machine_once, gpus, recipe.get("gpu_memory_gb"), force,
