@@ -3,7 +3,10 @@
 Mirrors ``trl/scripts/grpo.py`` (TRL 1.16): one flat YAML parsed by ``TrlParser`` into
 ``(RecipeArguments, <trainer config class>, ModelConfig)``; then model, tokenizer, dataset and reward
 functions are built and the trainer trains and saves. ``grouprl train`` calls this module (through
-``accelerate launch`` for multi-process recipes); it can also be launched by hand.
+``accelerate launch`` for multi-process recipes, ``torchrun`` for several CPU processes); it can also
+be launched by hand. ``resume_from_checkpoint`` (a checkpoint folder, or ``last`` for the newest
+``checkpoint-N`` in ``output_dir``) continues a run; a few lines saying what runs are printed before
+TRL starts.
 """
 
 from __future__ import annotations

@@ -215,7 +215,13 @@ def test_train_tiny_cpu_gpg_end_to_end(tmp_path):
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     resolved = yaml.safe_load((out / "grouprl_recipe.yaml").read_text())
     assert resolved["max_steps"] == 2 and resolved["trainer"] == "grouprl_trl.GPGTrainer"
-    assert "'gpg/alpha'" in result.stdout + result.stderr  # GPG's metrics were logged
+    printed = result.stdout + result.stderr
+    assert "'gpg/alpha'" in printed  # GPG's metrics were logged
+    # the preflight ran first, and our summary came before TRL's first log line
+    assert "preflight: all checks passed" in result.stdout
+    summary = printed.index("grouprl: GPG with grouprl_trl.GPGTrainer / GPGConfig, recipe tiny_cpu_gpg")
+    assert "GPGConfig: gpg_preset='paper', advantage_norm='none', age=True, valid_threshold=0.6" in printed
+    assert summary < printed.index("{'loss'")
 
     # the saved weights moved away from the tiny model's initialisation (seed 0)
     import torch
