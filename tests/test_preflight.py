@@ -11,13 +11,11 @@ from __future__ import annotations
 
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 
 from grouprl import cli, extras, preflight, recipes
 
-FIXTURES = Path(__file__).parent / "fixtures"
 NO_GPU = preflight.Machine(())
 EIGHT_H100 = preflight.Machine((85.0,) * 8)  # what an 80 GB card reports (GB = 1e9 bytes)
 GPU_ONLY_PACKAGES = {"deepspeed", "vllm", "flash_attn"}
