@@ -98,7 +98,10 @@ def detect_machine() -> Machine:
     code = ("import json, torch\n"
             "n = torch.cuda.device_count() if torch.cuda.is_available() else 0\n"
             "print(json.dumps([torch.cuda.get_device_properties(i).total_memory for i in range(n)]))")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    try:
+        out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    except subprocess.TimeoutExpired as err:
+        raise RuntimeError("torch took over 5 minutes to list the GPUs") from err
     if out.returncode != 0:
         raise RuntimeError(f"could not ask torch for the GPUs: {out.stderr.strip()[-500:]}")
     return Machine(tuple(b / 1e9 for b in json.loads(out.stdout.strip().splitlines()[-1])))
@@ -185,15 +188,19 @@ def _check_hardware(report: Report, machine_fn, gpus: int, memory_gb, force: boo
     if gpus == 0:
         report.add("hardware", OK, "CPU only")
         return
-    machine = machine_fn()
+    try:
+        machine = machine_fn()
+    except RuntimeError as err:
+        report.add("hardware", FAIL, f"needs {need}; could not read this machine's GPUs ({err}); --force skips "
+                                     "this check")
+        return
     have = machine.gpu_memory_gb
     if len(have) < gpus:
         report.add("hardware", FAIL, f"needs {need}; this machine has {machine.describe()}. {fewer_hint}; "
                                      "--force skips this check")
     elif memory_gb and min(have[:gpus]) < 0.95 * memory_gb:  # cards report a little less than their label
-        report.add("hardware", FAIL, f"needs {need}; this machine has {machine.describe()}. Raise "
-                                     "gradient_accumulation_steps / lower the batch or lengths to fit, then "
-                                     "--force skips this check")
+        report.add("hardware", FAIL, f"needs {need}; this machine has {machine.describe()}. Lower the batch per "
+                                     "GPU or the lengths until it fits, then --force skips this check")
     else:
         report.add("hardware", OK, f"needs {need}; this machine has {machine.describe()}")
 
@@ -382,7 +389,10 @@ def _preflight_trl(report: Report, recipe: dict, force: bool, machine_fn) -> Non
     if missing & set(TRL_MODULES):
         report.add("config", SKIP, "not built: install the missing packages above first")
     else:
-        no_gpu_here = not uses_cpu and not machine_once().gpu_memory_gb
+        try:
+            no_gpu_here = not uses_cpu and not machine_once().gpu_memory_gb
+        except RuntimeError:  # reported by the hardware check below
+            no_gpu_here = True
         _check_trl_config(report, recipe, no_gpu_here)
     _check_trl_data(report, recipe)
     check_model(report, str(recipe["model_name_or_path"]), "model_name_or_path", embedded_tiny=True)
