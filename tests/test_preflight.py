@@ -250,6 +250,17 @@ def test_fewer_processes_need_fewer_gpus(capsys, machine, gpu_packages_present):
     assert code == 0, report
 
 
+def test_a_failing_gpu_probe_is_a_report_line(capsys, monkeypatch, gpu_packages_present):
+    def broken():
+        raise RuntimeError("no driver")
+
+    monkeypatch.setattr(preflight, "detect_machine", broken)
+    code, report = _dry_run(capsys, *_gpu_recipe_args())
+    assert code == 1
+    assert _lines(report) == ["FAIL  hardware  needs 8 GPUs with >= 80 GB each; could not read this machine's GPUs "
+                              "(no driver); --force skips this check"]
+
+
 def test_detect_machine_asks_torch():
     import torch
 
