@@ -283,7 +283,7 @@ def _trl_needs(recipe: dict) -> list[tuple[str, str]]:
     return needs
 
 
-def _check_trl_config(report: Report, recipe: dict, no_gpu_here: bool):
+def _check_trl_config(report: Report, recipe: dict):
     """Unknown keys and types first (every problem listed), then the real ``TrlParser`` build."""
     from trl import ModelConfig
 
@@ -314,11 +314,10 @@ def _check_trl_config(report: Report, recipe: dict, no_gpu_here: bool):
     if problems:
         return None
 
-    argv = []
-    if no_gpu_here and recipe.get("use_cpu") is not True:
-        # transformers refuses bf16 without a GPU: check the fields as they would be on CPU; the
-        # hardware line reports the missing GPUs
-        argv = ["--use_cpu", "true"]
+    # Built with use_cpu: TrainingArguments picks its device while it is built, which on a GPU machine
+    # would open a CUDA context on GPU 0 in this launcher process, held for the whole run (and without a
+    # GPU transformers refuses bf16). The GPUs are the hardware check's business.
+    argv = [] if recipe.get("use_cpu") is True else ["--use_cpu", "true"]
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / recipes.RESOLVED_RECIPE_NAME
         path.write_text(recipes.dump(recipe))
@@ -333,7 +332,7 @@ def _check_trl_config(report: Report, recipe: dict, no_gpu_here: bool):
     if built is None:
         report.add("config", FAIL, f"{config_cls.__name__}: {error[0]}")
         return None
-    note = " (checked as on CPU: no GPU here)" if argv else ""
+    note = " (built with use_cpu: the launcher leaves the GPUs alone)" if argv else ""
     report.add("config", OK, f"{len(recipe)} fields -> RecipeArguments, {config_cls.__name__}, ModelConfig{note}")
     return built
 
@@ -379,26 +378,15 @@ def _preflight_trl(report: Report, recipe: dict, force: bool, machine_fn) -> Non
     missing = _check_extras(report, _trl_needs(recipe))
     uses_cpu = recipe.get("use_cpu") is True
     gpus = 0 if uses_cpu else int(recipe.get("num_processes", 1))
-    machine = None
-
-    def machine_once() -> Machine:
-        nonlocal machine
-        machine = machine or machine_fn()
-        return machine
-
     if missing & set(TRL_MODULES):
         report.add("config", SKIP, "not built: install the missing packages above first")
     else:
-        try:
-            no_gpu_here = not uses_cpu and not machine_once().gpu_memory_gb
-        except RuntimeError:  # reported by the hardware check below
-            no_gpu_here = True
-        _check_trl_config(report, recipe, no_gpu_here)
+        _check_trl_config(report, recipe)
     _check_trl_data(report, recipe)
     check_model(report, str(recipe["model_name_or_path"]), "model_name_or_path", embedded_tiny=True)
     if "transformers" not in missing:
         _check_trl_resume(report, recipe)
-    _check_hardware(report, machine_once, gpus, recipe.get("gpu_memory_gb"), force,
+    _check_hardware(report, machine_fn, gpus, recipe.get("gpu_memory_gb"), force,
                     "With fewer GPUs set num_processes=N and raise gradient_accumulation_steps to keep the batch")
 
 

@@ -212,9 +212,8 @@ def test_install_commands():
 
 # ----------------------------------------------------------------------------- hardware and --force
 def _gpu_recipe_args():
-    # everything but the hardware passes: embedded model and toy data, and no bf16 (this torch has no CUDA,
-    # while the fake machine claims GPUs, so the config is built as on a GPU machine)
-    return ["gpg_rs1_1p5b", "model_name_or_path=tiny", "dataset_path=toy", "bf16=false"]
+    # everything but the hardware passes: the embedded model and toy data
+    return ["gpg_rs1_1p5b", "model_name_or_path=tiny", "dataset_path=toy"]
 
 
 def test_hardware_gap_is_reported_and_force_skips_only_it(capsys, machine, gpu_packages_present):
@@ -232,6 +231,9 @@ def test_hardware_gap_is_reported_and_force_skips_only_it(capsys, machine, gpu_p
     machine(EIGHT_H100)
     code, report = _dry_run(capsys, *_gpu_recipe_args())
     assert code == 0 and _lines(report) == []
+    # the config objects are built without touching the GPUs (a CUDA context here would last the whole run)
+    assert any(line.startswith("ok    config") and line.endswith("(built with use_cpu: the launcher leaves the GPUs "
+                                                                "alone)") for line in _lines(report, "ok"))
     assert ("ok    hardware  needs 8 GPUs with >= 80 GB each; this machine has 8 GPU(s) with "
             "85, 85, 85, 85, 85, 85, 85, 85 GB") in _lines(report, "ok")
     # --force: the gap is not compared; every other check still runs and still fails
