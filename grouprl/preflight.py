@@ -28,6 +28,7 @@ import contextlib
 import enum
 import io
 import json
+import os
 import subprocess
 import sys
 import tempfile
@@ -643,9 +644,17 @@ def run(recipe: dict, force: bool = False, machine_fn=None) -> Report:
     downloads. ``machine_fn`` replaces :func:`detect_machine` (tests)."""
     report = Report(str(recipe.get("recipe_name", "?")), recipe["backend"], recipes.algorithm_name(recipe))
     machine_fn = machine_fn or detect_machine
-    if recipe["backend"] == "trl":
-        _preflight_trl(report, recipe, force, machine_fn)
-    else:
-        _preflight_verl(report, recipe, force, machine_fn)
+    environment = dict(os.environ)
+    try:
+        if recipe["backend"] == "trl":
+            _preflight_trl(report, recipe, force, machine_fn)
+        else:
+            _preflight_verl(report, recipe, force, machine_fn)
+    finally:
+        # importing verl, Ray or transformers sets variables (TORCH_CUDA_ARCH_LIST, RAY_CLIENT_MODE, ...); the
+        # launched run must see the user's environment, not what this check imported
+        if dict(os.environ) != environment:
+            os.environ.clear()
+            os.environ.update(environment)
     return report
 

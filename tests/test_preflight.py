@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -304,6 +305,24 @@ def test_a_passing_preflight_launches_once_with_our_summary_first(capsys, machin
     assert summary < out.index("$ ")  # before the command line that starts verl
     [command] = spawned
     assert command[1:4] == ["-m", "grouprl_verl.main_ppo", "--config-name=grouprl_gpg"]
+
+
+def test_preflight_leaves_the_environment_as_it_found_it():
+    """The launch gets os.environ: what importing verl / Ray sets there at import time (verl 0.9.1 sets
+    TORCH_CUDA_ARCH_LIST=8.0 on a machine without CUDA) must not leak into it. A fresh interpreter, so
+    that the imports really happen during the check."""
+    import os
+
+    code = ("import os, json; before = dict(os.environ)\n"
+            "from grouprl import preflight, recipes\n"
+            "preflight.run(recipes.resolve('gpg_zero_math7b_verl'), machine_fn=lambda: preflight.Machine(()))\n"
+            "after = dict(os.environ)\n"
+            "print(json.dumps({k: after.get(k) for k in set(before) | set(after) if before.get(k) != after.get(k)}))")
+    env = {k: v for k, v in os.environ.items() if k != "TORCH_CUDA_ARCH_LIST"}
+    env["PYTHONPATH"] = os.pathsep.join([str(Path(__file__).resolve().parents[1]), env.get("PYTHONPATH", "")])
+    result = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.strip().splitlines()[-1] == "{}"
 
 
 def test_conforms_mirrors_the_argparse_conversions():
