@@ -10,11 +10,15 @@ per sample, and return a fresh ``(B, L)`` float32 tensor: the advantage on every
 
 Timed, per batch size B (each call returns its own output, as verl stores it in the batch):
 
-- floor: ``adv[:, None] * mask`` from a precomputed ``(B,)`` advantage. This is the one piece of work
-  no estimator can avoid: allocate the fresh ``(B, L)`` output and write it once, reading the mask it
-  depends on (one fused pass). Its cost includes the page faults of the new allocation, which every
-  estimator pays too. ``write-only`` (``adv[:, None].expand(B, L).contiguous()``, no mask read) is
-  timed as a reference, not as the target.
+- floor: ``adv[:, None] * mask`` into a fresh float32 ``(B, L)`` tensor from a precomputed ``(B,)``
+  advantage. This is the one piece of work no estimator can avoid: allocate the output verl stores
+  and write it once, reading the mask it depends on; its cost includes the page faults of the new
+  allocation, which every estimator pays too. Three ways to do it with torch are timed (one output
+  allocation each): the fused mixed-dtype multiply, the mask converted to float32 and multiplied in
+  place, and ``torch.where`` on the mask; the floor of a round is the fastest of the three in that
+  round (a minimum over three noisy timings, so if anything the floor is measured low). With verl's
+  int64 mask the fused multiply is the slowest on CPU: its int64 -> float cast runs element by element. ``write-only`` (``adv[:, None].expand(B, L).contiguous()``, no mask read)
+  is timed as a lower reference, not as the target.
 - grouprl full call: the registered estimators ``grouprl_gcpo`` (GRPO's advantage; also what
   ``grouprl_guidance`` and ``grouprl_copo`` compute) and ``grouprl_gpg``, called as verl calls them.
 - grouprl core: ``grpo_advantages`` / ``gpg_advantages`` on precomputed scores and group ids (``(B,)``
@@ -113,8 +117,11 @@ def build_calls(token_rewards, mask, uids, loop_max: int) -> dict:
                                norm_adv_by_std_in_grpo=False)
         return out.mul_(alpha)
 
+    bool_mask = mask if mask.dtype == torch.bool else None
     calls = {
-        "floor": lambda: adv.unsqueeze(-1) * mask,
+        "floor_fused_multiply": lambda: adv.unsqueeze(-1) * mask,
+        "floor_convert_multiply": lambda: mask.to(torch.float32, copy=True).mul_(adv.unsqueeze(-1)),
+        "floor_where": lambda: torch.where(bool_mask if bool_mask is not None else mask.bool(), adv.unsqueeze(-1), 0.0),
         "write_only": lambda: adv.unsqueeze(-1).expand(b, length).contiguous(),
         "grouprl_grpo_full": lambda: ours_grpo(token_level_rewards=token_rewards, response_mask=mask, index=uids,
                                                config=None)[0],
@@ -237,9 +244,12 @@ def main(argv=None):
         calls = build_calls(token_rewards, mask, uids, loop_max)
         agree = agreement(calls, token_rewards.sum(dim=-1))
         times, inner = time_rounds(calls, rounds, args.min_seconds)
+        floor_ways = [n for n in times if n.startswith("floor_")]
+        times["floor"] = [min(times[n][k] for n in floor_ways) for k in range(rounds)]  # fastest way, per round
         med = {n: statistics.median(t) for n, t in times.items()}
         row = {"batch_size": b, "time_s": times, "median_s": med, "min_s": {n: min(t) for n, t in times.items()},
                "calls_per_measurement": inner,
+               "floor_fastest_way": min(floor_ways, key=lambda n: med[n]),
                "load_1m": os.getloadavg()[0], **agree}
         for algo, verl_paths in (("grpo", ["verl_grpo_vectorized", "verl_grpo_loop"]),
                                  ("gpg", ["verl_gpg_vectorised_equiv", "verl_gpg_loop"])):
@@ -280,7 +290,8 @@ def main(argv=None):
     print(table)
     print("\nratios: median over rounds (min-max); 'verl fastest' is verl's path with the lowest median at that B:")
     for r in rows:
-        print(f"  B={r['batch_size']:>7}: GRPO fastest verl = {r['grpo_verl_fastest']}, GPG fastest verl = "
+        print(f"  B={r['batch_size']:>7}: floor's fastest way = {r['floor_fastest_way']}; "
+              f"GRPO fastest verl = {r['grpo_verl_fastest']}, GPG fastest verl = "
               f"{r['gpg_verl_fastest']}; core+bcast / floor: GRPO {rs(r['grouprl_grpo_core_bcast_vs_floor'])}, "
               f"GPG {rs(r['grouprl_gpg_core_bcast_vs_floor'])}; max |diff| GRPO vs verl "
               f"{r['grpo_vs_verl_grpo_vectorized']:.1e}, GPG (same alpha) "

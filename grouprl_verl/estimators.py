@@ -16,6 +16,8 @@ Each estimator records its metrics (``gpg/alpha``, ...) in :data:`LAST_METRICS`;
 
 from __future__ import annotations
 
+import ctypes
+
 import numpy as np
 import pandas as pd
 import torch
@@ -39,18 +41,26 @@ def group_ids_from_index(index, batch_size: int, estimator: str) -> torch.Tensor
             f"{estimator}: no 'uid' in the batch's non_tensor_batch, so the groups are unknown. verl's trainers set "
             "batch.non_tensor_batch['uid'] per prompt before rollout.n repeats; a custom trainer must do the same."
         )
-    index = np.asarray(index, dtype=object)
+    index = np.ascontiguousarray(index, dtype=object)
     if index.shape != (batch_size,):
         raise ValueError(f"{estimator}: index has shape {index.shape}, expected ({batch_size},) (one uid per sample)")
-    # A hash table in C, ids in first-seen order. Sorting the strings (np.unique) costs 5-10x more at
-    # 65k samples, and verl's batch is not ordered by uid (trainer.balance_batch reorders it), so the
-    # groups cannot be read off runs of equal neighbours.
-    codes, _ = pd.factorize(index)
-    if (codes < 0).any():
-        bad = np.flatnonzero(codes < 0)[:8].tolist()
+    # Hashing every uid string costs 0.4-1 s at 1M samples on CPU (each lookup reads a string object at a
+    # random address); sorting them (np.unique) more. verl's trainer repeats each prompt's uid object
+    # rollout.n times (np.repeat copies references) and balance_batch then reorders the samples. So group
+    # by object first, using the addresses the object array itself stores (read without touching the
+    # objects), then the few distinct objects by value (pandas' hash table): equal strings held by
+    # different objects still share a group, so the result is exact for any input, and 5-10x faster
+    # on verl's batches at 1M samples.
+    addresses = np.ctypeslib.as_array((ctypes.c_ssize_t * batch_size).from_address(index.ctypes.data))
+    objects, by_object = torch.unique(torch.from_numpy(addresses), return_inverse=True)
+    one_sample_per_object = torch.empty(len(objects), dtype=torch.long)
+    one_sample_per_object[by_object] = torch.arange(batch_size)  # any sample holding the object will do
+    by_value, _ = pd.factorize(index[one_sample_per_object.numpy()])
+    if (by_value < 0).any():
+        bad = np.flatnonzero((by_value < 0)[by_object.numpy()])[:8].tolist()
         raise ValueError(f"{estimator}: uid is missing (None/NaN) at sample index(es) {bad}; every sample needs its "
                          "prompt's uid in non_tensor_batch['uid']")
-    return torch.from_numpy(codes.astype(np.int64, copy=False))
+    return torch.from_numpy(by_value.astype(np.int64, copy=False)).index_select(0, by_object)
 
 
 def sequence_rewards(token_level_rewards: torch.Tensor, response_mask: torch.Tensor, estimator: str) -> torch.Tensor:
@@ -66,11 +76,15 @@ def sequence_rewards(token_level_rewards: torch.Tensor, response_mask: torch.Ten
 def _broadcast(per_sample: torch.Tensor, response_mask: torch.Tensor) -> torch.Tensor:
     """(B, L) float32: each sample's value on its response tokens, 0 on padding.
 
-    One fused pass that reads the mask and writes the output. verl's mask is the int64 attention
-    mask; casting it to float first would write and read a second (B, L) tensor.
+    verl's mask is the int64 attention mask (on the driver's CPU). There, converting it to float32
+    (a vectorised copy that is also the fresh output) and multiplying in place is about 2x faster
+    than one mixed-dtype multiply, whose int64 -> float cast runs element by element. A float32 mask,
+    or one on an accelerator, takes the single fused multiply.
     """
-    out = torch.empty(response_mask.shape, dtype=torch.float32, device=response_mask.device)
-    return torch.mul(per_sample.to(torch.float32).unsqueeze(-1), response_mask, out=out)
+    values = per_sample.to(torch.float32).unsqueeze(-1)
+    if response_mask.dtype == torch.float32 or response_mask.device.type != "cpu":
+        return values * response_mask
+    return response_mask.to(torch.float32).mul_(values)
 
 
 @register_adv_est(GPG)

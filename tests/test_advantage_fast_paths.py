@@ -13,6 +13,7 @@ from verl.trainer.ppo.core_algos import get_adv_estimator_fn
 
 from grouprl_core.groups import group_stats
 from grouprl_core.grpo import grpo_advantages
+from grouprl_verl.estimators import group_ids_from_index
 
 
 def naive_group_stats(values: list[float], ids: list[int]):
@@ -91,6 +92,19 @@ def test_verl_gpg_estimator_on_shuffled_uuids_and_int_mask(mask_dtype):
         assert adv[i].tolist() == pytest.approx(row, rel=1e-6, abs=1e-7)
     assert adv.dtype == torch.float32 and adv.shape == (b, length)
     assert returns is adv
+
+
+def test_uid_groups_by_value_whether_or_not_samples_share_the_string_object():
+    uids = shuffled_uids(50, 4, seed=3)  # verl's layout: each prompt's str object repeated (np.repeat)
+    copies = np.array(["".join(list(u)) for u in uids], dtype=object)  # equal strings, distinct objects
+    assert uids[0] is not copies[0] and uids[0] == copies[0]
+    mixed = np.where(np.arange(len(uids)) % 2 == 0, uids, copies)  # both kinds within one group
+    naive: dict[str, int] = {}
+    expected = [naive.setdefault(u, len(naive)) for u in uids]
+    for index in (uids, copies, mixed, list(uids)):
+        ids = group_ids_from_index(index, len(uids), "test").tolist()
+        # the same partition as the naive string dict: a one-to-one relabelling
+        assert len(set(ids)) == len(naive) and len(set(zip(ids, expected))) == len(naive)
 
 
 def test_missing_uid_is_a_clear_error():
