@@ -52,15 +52,15 @@ def group_ids_from_index(index, batch_size: int, estimator: str) -> torch.Tensor
     # different objects still share a group, so the result is exact for any input, and 5-10x faster
     # on verl's batches at 1M samples.
     addresses = np.ctypeslib.as_array((ctypes.c_ssize_t * batch_size).from_address(index.ctypes.data))
-    objects, by_object = torch.unique(torch.from_numpy(addresses), return_inverse=True)
-    one_sample_per_object = torch.empty(len(objects), dtype=torch.long)
-    one_sample_per_object[by_object] = torch.arange(batch_size)  # any sample holding the object will do
-    by_value, _ = pd.factorize(index[one_sample_per_object.numpy()])
+    by_object, objects = pd.factorize(addresses)
+    one_sample_per_object = np.empty(len(objects), dtype=np.intp)
+    one_sample_per_object[by_object] = np.arange(batch_size)  # any sample holding the object will do
+    by_value, _ = pd.factorize(index[one_sample_per_object])
     if (by_value < 0).any():
-        bad = np.flatnonzero((by_value < 0)[by_object.numpy()])[:8].tolist()
+        bad = np.flatnonzero(by_value[by_object] < 0)[:8].tolist()
         raise ValueError(f"{estimator}: uid is missing (None/NaN) at sample index(es) {bad}; every sample needs its "
                          "prompt's uid in non_tensor_batch['uid']")
-    return torch.from_numpy(by_value.astype(np.int64, copy=False)).index_select(0, by_object)
+    return torch.from_numpy(by_value[by_object].astype(np.int64, copy=False))
 
 
 def sequence_rewards(token_level_rewards: torch.Tensor, response_mask: torch.Tensor, estimator: str) -> torch.Tensor:
