@@ -172,7 +172,7 @@ def agreement(calls: dict, scores) -> dict:
 
 
 def time_rounds(calls: dict, rounds: int, min_seconds: float) -> tuple[dict[str, list[float]], dict[str, int]]:
-    """Seconds per call of every callable in ``rounds`` rounds (rotated order), after one warm-up call each.
+    """Seconds per call of every callable in ``rounds`` rounds (rotated order), after warm-up calls.
 
     A call faster than ``min_seconds`` is repeated inside one measurement (as timeit's autorange) so that
     a measurement is not one scheduler tick; the time is the mean over those calls.
@@ -181,8 +181,16 @@ def time_rounds(calls: dict, rounds: int, min_seconds: float) -> tuple[dict[str,
     inner = {}
     for name in names:
         start = time.perf_counter()
-        calls[name]()
-        inner[name] = max(1, math.ceil(min_seconds / max(time.perf_counter() - start, 1e-7)))
+        calls[name]()  # warm-up: lazy imports, first-call caches
+        if time.perf_counter() - start > min_seconds:  # slow anyway: one call per measurement
+            inner[name] = 1
+            continue
+        calibration = []
+        for _ in range(3):
+            start = time.perf_counter()
+            calls[name]()
+            calibration.append(time.perf_counter() - start)
+        inner[name] = max(1, math.ceil(min_seconds / max(statistics.median(calibration), 1e-7)))
     times: dict[str, list[float]] = {n: [] for n in names}
     for r in range(rounds):
         k = r % len(names)
@@ -216,7 +224,7 @@ def main(argv=None):
                         help="sample order: shuffled (verl's balance_batch, default) or groups contiguous")
     parser.add_argument("--mask-dtype", choices=["int64", "float32", "bool"], default="int64",
                         help="response mask dtype (verl: int64, a slice of the attention mask)")
-    parser.add_argument("--min-seconds", type=float, default=0.02,
+    parser.add_argument("--min-seconds", type=float, default=0.05,
                         help="a faster call is repeated within one measurement until about this long")
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default, all cores)")
     parser.add_argument("--out", default=str(common.RESULTS_DIR))
