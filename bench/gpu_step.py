@@ -373,8 +373,10 @@ def main(argv=None):
                            "reason": f"{type(err).__name__}: {str(err).splitlines()[0][:200] if str(err) else ''}"}
                 if row["status"] != "ok":
                     print(f"           {row['status']}: {row['reason']}", flush=True)
-                results.append(row)
                 cleanup()
+                if args.device == "cuda":  # what the freed row left behind (should be ~0)
+                    row["cuda_allocated_after_row_gib"] = torch.cuda.memory_allocated() / 2**30
+                results.append(row)
                 # rewrite after every row: a run stopped by the device's time limit keeps what it measured
                 write_outputs(out, tag, args, sizes, algos, summarise(results), t0)
     payload = write_outputs(out, tag, args, sizes, algos, summarise(results), t0)
