@@ -48,26 +48,46 @@ ESTIMATOR_TO_ALGO = {
 }
 
 
+def grouprl_settings(config) -> tuple[str | None, object]:
+    """The grouprl algorithm a composed verl config selects and its validated options.
+
+    Raises ``ValueError`` naming the key and the fix for: the V1 trainer, unknown or bad
+    ``algorithm.grouprl.<algo>.*`` keys, COPO without both its estimator and its loss, and
+    ``rollout_correction.bypass_mode`` with the hooks that run in ``_compute_old_log_prob``.
+    """
+    if config.trainer.get("use_v1", True):
+        raise ValueError(
+            "trainer.use_v1=true: grouprl's hooks extend the legacy DataProto trainer (RayPPOTrainer). "
+            "Set trainer.use_v1=false (the grouprl_* configs do)."
+        )
+    algorithm = config.algorithm
+    algo = ESTIMATOR_TO_ALGO.get(str(algorithm.adv_estimator))
+    options = algo_options(algorithm, algo) if algo else None
+    loss_mode = config.actor_rollout_ref.actor.policy_loss.get("loss_mode", "vanilla")
+    if (loss_mode == losses.COPO) != (algo == "copo"):
+        raise ValueError(
+            f"algorithm.adv_estimator={algorithm.adv_estimator} with actor_rollout_ref.actor.policy_loss.loss_mode="
+            f"{loss_mode}: COPO needs both set to grouprl_copo (the loss reads the fields the estimator's hook attaches)."
+        )
+    bypass = (algorithm.get("rollout_correction") or {}).get("bypass_mode", False)
+    if bypass and algo in ("gcpo", "gpg"):
+        raise ValueError(
+            "algorithm.rollout_correction.bypass_mode=true skips _compute_old_log_prob, where the GCPO-gold and "
+            "GPG-threshold hooks run; set it to false."
+        )
+    return algo, options
+
+
 class GroupRLRayPPOTrainer(RayPPOTrainer):
     """verl's ``RayPPOTrainer`` with grouprl's hooks; same constructor and ``fit``."""
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
-        algorithm = self.config.algorithm
-        self.grouprl_algo = ESTIMATOR_TO_ALGO.get(str(algorithm.adv_estimator))
-        self.grouprl_options = algo_options(algorithm, self.grouprl_algo) if self.grouprl_algo else None
+        self.grouprl_algo, self.grouprl_options = grouprl_settings(self.config)
+        estimator = self.config.algorithm.adv_estimator
         loss_mode = self.config.actor_rollout_ref.actor.policy_loss.get("loss_mode", "vanilla")
-        if (loss_mode == losses.COPO) != (self.grouprl_algo == "copo"):
-            raise ValueError(
-                f"algorithm.adv_estimator={algorithm.adv_estimator} with actor_rollout_ref.actor.policy_loss.loss_mode="
-                f"{loss_mode}: COPO needs both set to grouprl_copo (the loss reads the fields the estimator's hook attaches)."
-            )
-        bypass = (algorithm.get("rollout_correction") or {}).get("bypass_mode", False)
-        if bypass and self.grouprl_algo in ("gcpo", "gpg"):
-            raise ValueError(
-                "algorithm.rollout_correction.bypass_mode=true skips _compute_old_log_prob, where the GCPO-gold and "
-                "GPG-threshold hooks run; set it to false."
-            )
+        print(f"grouprl: {type(self).__name__}, algorithm={self.grouprl_algo or 'none'} ({estimator} / {loss_mode})",
+              flush=True)
         self._gpg_assembler = hooks.GPGGroupAssembler(self.grouprl_options) if self.grouprl_algo == "gpg" else None
         self._resample_iter = None
         self._reward_fn = None
