@@ -34,6 +34,7 @@ from verl.trainer.ppo.utils import (  # noqa: E402
 from verl.utils import tensordict_utils as tu  # noqa: E402
 from verl.utils.checkpoint.checkpoint_manager import find_latest_ckpt_path  # noqa: E402
 from verl.utils.config import omega_conf_to_dataclass, validate_config  # noqa: E402
+from verl.utils.dataset.rl_dataset import collate_fn as rl_collate_fn  # noqa: E402
 from verl.workers.utils.losses import ppo_loss  # noqa: E402
 from verl.workers.utils.padding import left_right_2_no_padding, no_padding_2_padding  # noqa: E402
 
@@ -51,11 +52,15 @@ TRAINER_METHODS = {
     "_load_checkpoint": ("self",),  # O
 }
 
-# verl code that grouprl mirrors (copies the order of calls of): a change upstream needs a look here.
+# verl code that grouprl mirrors (copies the order of calls of): upstream function -> (our code, sha256[:16] of
+# its verl 0.9.1 source). A change upstream needs a review of our copy, then a new hash.
 MIRRORED = {
-    "verl.trainer.main_ppo_v0.TaskRunner.run": "grouprl_verl.runner.GroupRLTaskRunner.run",
-    "verl.trainer.ppo.ray_trainer.RayPPOTrainer.fit": "grouprl_verl.trainer.GroupRLRayPPOTrainer._generate_round",
-    "verl.trainer.ppo.ray_trainer.RayPPOTrainer._load_checkpoint": "grouprl_verl.trainer.checkpoint_folder",
+    "verl.trainer.main_ppo_v0:TaskRunner.run": ("grouprl_verl.runner.GroupRLTaskRunner.run", "95ebfb4a9286d46a"),
+    # the generation part (extra GPG rounds), the order extract_reward -> _compute_old_log_prob ->
+    # non_tensor_batch.update -> _update_actor the hooks rely on, where fit sleeps / syncs vLLM
+    "verl.trainer.ppo.ray_trainer:RayPPOTrainer.fit": ("grouprl_verl.trainer.GroupRLRayPPOTrainer", "2cd5b737f76215aa"),
+    "verl.trainer.ppo.ray_trainer:RayPPOTrainer._load_checkpoint": ("grouprl_verl.trainer.checkpoint_folder",
+                                                                   "23626f03573e151c"),
 }
 
 
@@ -81,6 +86,7 @@ __all__ = [
     "no_padding_2_padding",
     "omega_conf_to_dataclass",
     "ppo_loss",
+    "rl_collate_fn",
     "tu",
     "validate_config",
 ]

@@ -28,6 +28,7 @@ from ._compat import (
     need_critic,
     need_reference_policy,
     omega_conf_to_dataclass,
+    rl_collate_fn,
     validate_config,
 )
 
@@ -39,9 +40,6 @@ class GroupRLTaskRunner(BaseTaskRunner):
 
     def run(self, config):
         """Mirrors ``verl.trainer.main_ppo_v0.TaskRunner.run`` (verl 0.9.1) with grouprl's trainer."""
-        from verl.utils.dataset.rl_dataset import collate_fn
-        from verl.workers.config import HFModelConfig  # noqa: F401  (the model config's dataclass)
-
         from .trainer import GroupRLRayPPOTrainer
 
         print(f"GroupRLTaskRunner hostname: {socket.gethostname()}, PID: {os.getpid()}")
@@ -75,7 +73,7 @@ class GroupRLTaskRunner(BaseTaskRunner):
             ray_worker_group_cls=ray_worker_group_cls,
             train_dataset=train_dataset,
             val_dataset=val_dataset,
-            collate_fn=collate_fn,
+            collate_fn=rl_collate_fn,
             train_sampler=train_sampler,
         )
         self.trainer.init_workers()
