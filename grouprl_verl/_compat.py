@@ -38,7 +38,7 @@ from verl.utils.dataset.rl_dataset import collate_fn as rl_collate_fn  # noqa: E
 from verl.workers.utils.losses import ppo_loss  # noqa: E402
 from verl.workers.utils.padding import left_right_2_no_padding, no_padding_2_padding  # noqa: E402
 
-# ``RayPPOTrainer`` methods grouprl overrides (O) or calls (C), with their parameter names in verl 0.9.1.
+# ``RayPPOTrainer`` methods RayPPOTrainerHooks overrides (O) or calls (C), with their parameter names in verl 0.9.1.
 TRAINER_METHODS = {
     "__init__": ("self", "config", "tokenizer", "role_worker_mapping", "resource_pool_manager", "ray_worker_group_cls",
                  "processor", "train_dataset", "val_dataset", "collate_fn", "train_sampler", "device_name"),  # O
@@ -58,15 +58,99 @@ MIRRORED = {
     "verl.trainer.main_ppo_v0:TaskRunner.run": ("grouprl_verl.runner.GroupRLTaskRunner.run", "95ebfb4a9286d46a"),
     # the generation part (extra GPG rounds), the order extract_reward -> _compute_old_log_prob ->
     # non_tensor_batch.update -> _update_actor the hooks rely on, where fit sleeps / syncs vLLM
-    "verl.trainer.ppo.ray_trainer:RayPPOTrainer.fit": ("grouprl_verl.trainer.GroupRLRayPPOTrainer", "2cd5b737f76215aa"),
-    "verl.trainer.ppo.ray_trainer:RayPPOTrainer._load_checkpoint": ("grouprl_verl.trainer.checkpoint_folder",
+    "verl.trainer.ppo.ray_trainer:RayPPOTrainer.fit": (
+        "grouprl_verl._compat.RayPPOTrainerHooks and grouprl_verl.trainer.GroupRLRayPPOTrainer._generate_round",
+        "2cd5b737f76215aa"),
+    "verl.trainer.ppo.ray_trainer:RayPPOTrainer._load_checkpoint": ("grouprl_verl._compat.checkpoint_folder",
                                                                    "23626f03573e151c"),
 }
 
 
-def gen_batch(trainer: RayPPOTrainer, batch):
-    """``RayPPOTrainer._get_gen_batch``: the generation inputs of ``batch`` (pops them from it)."""
-    return trainer._get_gen_batch(batch)
+def checkpoint_folder(config, global_steps: int) -> str:
+    """The ``global_step_N`` folder ``RayPPOTrainer._load_checkpoint`` (verl 0.9.1) resumed from."""
+    import os
+
+    if config.trainer.resume_mode == "resume_path":
+        folder = config.trainer.resume_from_path
+    else:
+        folder = os.path.join(config.trainer.default_local_dir, f"global_step_{global_steps}")
+    return folder if os.path.isabs(folder) else os.path.join(os.getcwd(), folder)
+
+
+class RayPPOTrainerHooks(RayPPOTrainer):
+    """verl's legacy ``RayPPOTrainer`` with the private steps ``fit`` calls exposed as named hooks.
+
+    ``fit`` (verl 0.9.1) runs, per step: generation -> sleep vLLM -> ``_balance_batch`` -> [colocated
+    reward model: ``_compute_reward_colocate``] -> ``extract_reward`` (takes references to ``rm_scores``
+    and the reward-extra arrays) -> ``_compute_old_log_prob`` -> ... -> ``compute_advantage`` ->
+    ``non_tensor_batch.update(extras)`` -> ``_update_actor`` -> [``_save_checkpoint``] ->
+    ``update_weights``. This class is the only place in grouprl that overrides or calls those private
+    methods; :class:`grouprl_verl.trainer.GroupRLRayPPOTrainer` implements the hooks.
+    """
+
+    # ------------------------------------------------------------------ hooks (no-ops here)
+    def prepare_rewards(self, data) -> None:
+        """``data`` holds reward fields ``fit`` will read next (the step's batch, a reward model's output)."""
+
+    def before_old_log_prob(self, batch) -> None:
+        """After rewards, before the old log-prob pass; ``batch`` must be changed in place."""
+
+    def after_old_log_prob(self, batch, old_log_prob) -> None:
+        """``old_log_prob`` (a DataProto with ``old_log_probs``) is known; ``fit`` unions it next."""
+
+    def actor_update(self, batch, run_update):
+        """After the advantages; ``run_update(batch)`` is verl's update (returns its metrics DataProto)."""
+        return run_update(batch)
+
+    def after_save_checkpoint(self, folder: str) -> None:
+        """verl wrote ``global_step_N`` into ``folder``."""
+
+    def after_load_checkpoint(self, folder: str) -> None:
+        """verl resumed from ``folder``."""
+
+    # ------------------------------------------------------------------ verl's steps grouprl calls
+    def generation_inputs(self, batch):
+        """``_get_gen_batch``: the generation inputs of ``batch`` (pops them from it)."""
+        return self._get_gen_batch(batch)
+
+    def score_rows(self, batch):
+        """``_compute_reward_colocate``: ``batch`` scored by verl's reward loop (configured reward manager)."""
+        return self._compute_reward_colocate(batch)
+
+    def balance(self, batch) -> None:
+        """``_balance_batch``: reorder ``batch`` in place for an even token load across DP ranks."""
+        self._balance_batch(batch, metrics={})
+
+    # ------------------------------------------------------------------ verl's private steps -> hooks
+    def _balance_batch(self, batch, metrics, logging_prefix="global_seqlen", keep_minibatch=False):
+        self.prepare_rewards(batch)
+        return super()._balance_batch(batch, metrics, logging_prefix=logging_prefix, keep_minibatch=keep_minibatch)
+
+    def _compute_reward_colocate(self, batch):
+        result = super()._compute_reward_colocate(batch)
+        self.prepare_rewards(result)
+        return result
+
+    def _compute_old_log_prob(self, batch):
+        self.before_old_log_prob(batch)
+        old_log_prob, mfu = super()._compute_old_log_prob(batch)
+        self.after_old_log_prob(batch, old_log_prob)
+        return old_log_prob, mfu
+
+    def _update_actor(self, batch):
+        return self.actor_update(batch, super()._update_actor)
+
+    def _save_checkpoint(self):
+        import os
+
+        super()._save_checkpoint()
+        self.after_save_checkpoint(os.path.join(self.config.trainer.default_local_dir, f"global_step_{self.global_steps}"))
+
+    def _load_checkpoint(self):
+        result = super()._load_checkpoint()
+        if self.global_steps > 0:  # verl resumed (it leaves global_steps at 0 otherwise)
+            self.after_load_checkpoint(checkpoint_folder(self.config, self.global_steps))
+        return result
 
 
 __all__ = [
@@ -79,7 +163,8 @@ __all__ = [
     "create_rl_dataset",
     "create_rl_sampler",
     "find_latest_ckpt_path",
-    "gen_batch",
+    "RayPPOTrainerHooks",
+    "checkpoint_folder",
     "left_right_2_no_padding",
     "need_critic",
     "need_reference_policy",

@@ -120,7 +120,7 @@ def guidance_filter(data: DataProto, options: GuidanceOptions) -> tuple[dict[str
 def negative_context_batch(data: DataProto, negative_prompt_ids: list[list[int]], pad_token_id: int) -> DataProto:
     """The batch's responses behind the negative prompts: left-padded ``[c- | response]`` rows.
 
-    Mirrors the row layout that ``RayPPOTrainer._compute_old_log_prob`` (verl 0.9.1) sends to
+    Mirrors the row layout that verl's old log-prob pass (``RayPPOTrainer``, verl 0.9.1) sends to
     ``actor_rollout_wg.compute_log_prob``; the returned ``log_probs`` then align with ``responses``.
     """
     responses = data.batch["responses"]
@@ -241,7 +241,7 @@ def set_rows(array: np.ndarray, rows: list[int], values, what: str) -> None:
         if array.dtype != object and array[row] != value and value == value:  # value == value: not NaN
             raise ValueError(
                 f"{what}: a {array.dtype} array cannot hold {value!r} (it stored {array[row]!r}). grouprl makes reward "
-                "extras object arrays in RayPPOTrainer._balance_batch; keep trainer.balance_batch=true."
+                "extras object arrays when verl balances the batch; keep trainer.balance_batch=true."
             )
 
 

@@ -1,19 +1,21 @@
 """``GroupRLRayPPOTrainer``: verl's legacy ``RayPPOTrainer`` (0.9.1) plus the steps registries cannot do.
 
-It overrides narrow methods of ``verl.trainer.ppo.ray_trainer.RayPPOTrainer`` that ``fit`` calls at the
-right moments, and leaves ``fit`` itself alone:
+It implements the hooks of :class:`grouprl_verl._compat.RayPPOTrainerHooks`, which maps the narrow private
+steps of ``verl.trainer.ppo.ray_trainer.RayPPOTrainer`` that ``fit`` calls at the right moments to named
+hooks; ``fit`` itself is verl's:
 
-* ``_balance_batch`` / ``_compute_reward_colocate`` (before ``fit`` takes references to the reward
-  extras): the reward-extra arrays become object arrays, so rows rewritten later keep full values.
-* ``_compute_old_log_prob(batch)`` runs after the rewards (``rm_scores``) are known and before any
-  log-prob pass. Before delegating to it we
+* ``prepare_rewards`` (when verl balances the batch or gets a colocated reward model's scores, before
+  ``fit`` takes references to the reward extras): the reward-extra arrays become object arrays, so rows
+  rewritten later keep full values.
+* ``before_old_log_prob(batch)`` runs after the rewards (``rm_scores``) are known and before any
+  log-prob pass:
   - GCPO-gold: rewrite one rollout of every all-wrong group with the reference solution and score
     it through verl's reward loop, like every rollout (:func:`grouprl_verl.hooks.inject_gold`); after
     it, the gold rows count as on-policy for verl's rollout correction;
   - GPG with ``valid_threshold > 0``: assemble a batch whose valid-group fraction reaches beta_th
     from extra generation rounds and carried groups (:class:`grouprl_verl.hooks.GPGGroupAssembler`).
   Both write into the batch in place (``fit`` holds references to its tensors and arrays).
-* ``_update_actor(batch)`` runs after ``compute_advantage``. Before delegating:
+* ``actor_update(batch, run_update)`` runs after ``compute_advantage``. Before verl's update:
   - COPO: attach the global advantage and gate per sample (:func:`~grouprl_verl.hooks.attach_copo_fields`);
     ``init_workers`` installed :func:`grouprl_verl.losses.grouprl_ppo_loss` on the actor so the
     ``grouprl_copo`` loss sees them;
@@ -22,7 +24,7 @@ right moments, and leaves ``fit`` itself alone:
   - GPG / guidance: a batch without any learning signal skips the update for real (no optimizer
     step, so weight decay does not move the weights either).
   It also logs the grouprl metrics with the actor's.
-* ``_save_checkpoint`` / ``_load_checkpoint``: GPG's carry buffer and the position of its
+* ``after_save_checkpoint`` / ``after_load_checkpoint``: GPG's carry buffer and the position of its
   extra-round sampler travel with verl's checkpoint (``grouprl_gpg.pt`` in ``global_step_N``).
 
 ``tests/test_verl_fit_cpu.py`` runs ``fit`` through this class on CPU, with stand-ins only for the
@@ -44,9 +46,8 @@ from grouprl_core.groups import zero_variance_mask
 
 from . import estimators, hooks, losses
 from ._compat import (
-    RayPPOTrainer,
+    RayPPOTrainerHooks,
     compute_response_mask,
-    gen_batch,
     left_right_2_no_padding,
     no_padding_2_padding,
     omega_conf_to_dataclass,
@@ -66,7 +67,7 @@ def grouprl_settings(config) -> tuple[str | None, object]:
     Raises ``ValueError`` naming the key and the fix for: the V1 trainer, unknown or bad
     ``algorithm.grouprl.<algo>.*`` keys, COPO without both its estimator and its loss,
     ``rollout_correction.bypass_mode`` or ``trainer.balance_batch=false`` with the hooks that rewrite
-    rows in ``_compute_old_log_prob``, and guidance with MoE router replay R3.
+    rows before the old log-prob pass, and guidance with MoE router replay R3.
     """
     if config.trainer.get("use_v1", True):
         raise ValueError(
@@ -87,13 +88,13 @@ def grouprl_settings(config) -> tuple[str | None, object]:
     bypass = (algorithm.get("rollout_correction") or {}).get("bypass_mode", False)
     if bypass and rewrites_rows:
         raise ValueError(
-            "algorithm.rollout_correction.bypass_mode=true skips _compute_old_log_prob, where the GCPO-gold and "
-            "GPG-threshold hooks run; set it to false."
+            "algorithm.rollout_correction.bypass_mode=true skips verl's old log-prob pass, before which the GCPO-gold "
+            "and GPG-threshold hooks run; set it to false."
         )
     if rewrites_rows and not config.trainer.get("balance_batch", True):
         raise ValueError(
             "trainer.balance_batch=false: GCPO-gold and the GPG threshold rewrite rows after rewards, and grouprl "
-            "makes the reward-extra arrays hold any value in RayPPOTrainer._balance_batch (otherwise a longer "
+            "makes the reward-extra arrays hold any value when verl balances the batch (otherwise a longer "
             "string would be cut). Set trainer.balance_batch=true (with one GPU it only reorders the batch)."
         )
     strategy = actor.get("strategy", "fsdp")
@@ -107,16 +108,7 @@ def grouprl_settings(config) -> tuple[str | None, object]:
     return algo, options
 
 
-def checkpoint_folder(config, global_steps: int) -> str:
-    """The ``global_step_N`` folder verl's ``RayPPOTrainer._load_checkpoint`` (0.9.1) resumed from."""
-    if config.trainer.resume_mode == "resume_path":
-        folder = config.trainer.resume_from_path
-    else:
-        folder = os.path.join(config.trainer.default_local_dir, f"global_step_{global_steps}")
-    return folder if os.path.isabs(folder) else os.path.join(os.getcwd(), folder)
-
-
-class GroupRLRayPPOTrainer(RayPPOTrainer):
+class GroupRLRayPPOTrainer(RayPPOTrainerHooks):
     """verl's ``RayPPOTrainer`` with grouprl's hooks; same constructor and ``fit``."""
 
     def __init__(self, *args, **kwargs):
@@ -141,46 +133,38 @@ class GroupRLRayPPOTrainer(RayPPOTrainer):
             self.actor_rollout_wg.set_loss_fn(partial(losses.grouprl_ppo_loss, config=actor_config))
 
     # ------------------------------------------------------------------ before fit takes the reward extras
-    def _balance_batch(self, batch: DataProto, metrics, logging_prefix="global_seqlen", keep_minibatch=False):
+    def prepare_rewards(self, data: DataProto) -> None:
         if self._rewrites_rows:
-            hooks.object_extras(batch)
-        return super()._balance_batch(batch, metrics, logging_prefix=logging_prefix, keep_minibatch=keep_minibatch)
-
-    def _compute_reward_colocate(self, batch: DataProto):
-        result = super()._compute_reward_colocate(batch)
-        if self._rewrites_rows:
-            hooks.object_extras(result)
-        return result
+            hooks.object_extras(data)
 
     # ------------------------------------------------------------------ after rewards, before old log-probs
-    def _compute_old_log_prob(self, batch: DataProto):
-        """Mirrors ``RayPPOTrainer._compute_old_log_prob`` (verl 0.9.1) after the grouprl pre-steps."""
+    def before_old_log_prob(self, batch: DataProto) -> None:
         self._grouprl_metrics = {}
-        gold_rows = []
+        self._gold_rows = []
         if self.grouprl_algo == "gcpo":
-            metrics, gold_rows = self._inject_gold(batch)
+            metrics, self._gold_rows = self._inject_gold(batch)
             self._grouprl_metrics.update(metrics)
         elif self.grouprl_algo == "gpg" and self.grouprl_options.valid_threshold > 0:
             assembled, metrics = self._gpg_assembler.assemble(batch, self._generate_round)
             if assembled is not batch:
                 if self.config.trainer.balance_batch:
-                    super()._balance_batch(assembled, metrics={})  # the DP token balance of the rows trained
+                    self.balance(assembled)  # the DP token balance of the rows trained
                 hooks.replace_in_place(batch, assembled)
             self._grouprl_metrics.update(metrics)
-        old_log_prob, mfu = super()._compute_old_log_prob(batch)
-        if gold_rows and "rollout_log_probs" in batch.batch.keys():
+
+    def after_old_log_prob(self, batch: DataProto, old_log_prob: DataProto) -> None:
+        rows = self._gold_rows
+        if rows and "rollout_log_probs" in batch.batch.keys():
             # gold rows were not sampled by the rollout policy: verl's rollout correction (mismatch metrics, IS
             # weights, rejection sampling) treats them as on-policy (ratio 1) instead of as log-prob 0 samples
-            batch.batch["rollout_log_probs"][gold_rows] = old_log_prob.batch["old_log_probs"][gold_rows].to(
+            batch.batch["rollout_log_probs"][rows] = old_log_prob.batch["old_log_probs"][rows].to(
                 batch.batch["rollout_log_probs"].dtype)
-        return old_log_prob, mfu
 
     def _inject_gold(self, batch: DataProto) -> tuple[dict[str, float], list[int]]:
         gold_ids = [self._gold_ids(batch, i) for i in range(len(batch))]
         # scored the way fit scores a colocated reward model's batch: verl's reward loop workers, each row
         # through the configured reward manager (DAPO's overlong penalty, sandbox, reward model, ...)
-        return hooks.inject_gold(batch, self.grouprl_options, gold_ids, self._compute_reward_colocate,
-                                 self.tokenizer.pad_token_id)
+        return hooks.inject_gold(batch, self.grouprl_options, gold_ids, self.score_rows, self.tokenizer.pad_token_id)
 
     def _gold_ids(self, batch: DataProto, row: int) -> list[int] | None:
         key = self.grouprl_options.solution_key
@@ -241,7 +225,7 @@ class GroupRLRayPPOTrainer(RayPPOTrainer):
         batch = DataProto.from_single_dict(self._next_resample_batch())
         batch.meta_info["temperature"] = self.config.actor_rollout_ref.rollout.temperature
         batch.non_tensor_batch["uid"] = np.array([str(uuid.uuid4()) for _ in range(len(batch))], dtype=object)
-        generation = gen_batch(self, batch)
+        generation = self.generation_inputs(batch)
         generation.meta_info["global_steps"] = self.global_steps
         n = self.config.actor_rollout_ref.rollout.n
         # fit put the replicas to sleep after its generation; for full-weight training vLLM sleeps at level 2,
@@ -254,41 +238,37 @@ class GroupRLRayPPOTrainer(RayPPOTrainer):
         if "response_mask" not in batch.batch.keys():
             batch.batch["response_mask"] = compute_response_mask(batch)
         if self.use_rm and "rm_scores" not in batch.batch.keys():  # a colocated reward model scores after rollout
-            batch = batch.union(self._compute_reward_colocate(batch))
+            batch = batch.union(self.score_rows(batch))
         return batch
 
     # ------------------------------------------------------------------ checkpoints
-    def _save_checkpoint(self):
-        super()._save_checkpoint()
+    def after_save_checkpoint(self, folder: str) -> None:
         if self._gpg_assembler is None:
             return
-        folder = os.path.join(self.config.trainer.default_local_dir, f"global_step_{self.global_steps}")
         state = {
             "carry": self._gpg_assembler.carry,
             "resample_loader": None if self._resample_loader is None else self._resample_loader.state_dict(),
         }
         torch.save(state, os.path.join(folder, GPG_STATE_FILE))
 
-    def _load_checkpoint(self):
-        result = super()._load_checkpoint()
-        if self._gpg_assembler is None or self.global_steps == 0:  # nothing resumed
-            return result
-        path = os.path.join(checkpoint_folder(self.config, self.global_steps), GPG_STATE_FILE)
+    def after_load_checkpoint(self, folder: str) -> None:
+        if self._gpg_assembler is None:
+            return
+        path = os.path.join(folder, GPG_STATE_FILE)
         if not os.path.exists(path):
-            print(f"grouprl: no {GPG_STATE_FILE} in the checkpoint; GPG's carry buffer and extra-round sampler start "
-                  "empty", flush=True)
-            return result
-        state = torch.load(path, weights_only=False)  # written by _save_checkpoint: a DataProto and loader state
+            print(f"grouprl: no {GPG_STATE_FILE} in {folder}; GPG's carry buffer and extra-round sampler start empty",
+                  flush=True)
+            return
+        state = torch.load(path, weights_only=False)  # written by after_save_checkpoint: a DataProto, loader state
         self._gpg_assembler.carry = state["carry"]
         if state["resample_loader"] is not None:
             self._resample_loader = self._make_resample_loader()
             self._resample_loader.load_state_dict(state["resample_loader"])
             self._resample_iter = None
-        return result
 
     # ------------------------------------------------------------------ after advantages, before the update
-    def _update_actor(self, batch: DataProto) -> DataProto:
-        """Mirrors ``RayPPOTrainer._update_actor`` (verl 0.9.1) after the grouprl pre-steps; may skip it."""
+    def actor_update(self, batch: DataProto, run_update) -> DataProto:
+        """grouprl's pre-steps, then verl's actor update (``run_update``), which a batch without signal skips."""
         metrics = dict(getattr(self, "_grouprl_metrics", {}))
         metrics.update(estimators.LAST_METRICS)
         skip = False
@@ -305,14 +285,14 @@ class GroupRLRayPPOTrainer(RayPPOTrainer):
         if skip:  # no learning signal: no optimizer step at all
             metrics["grouprl/skipped_update"] = 1.0
             return DataProto.from_single_dict(data={}, meta_info={"metrics": metrics})
-        output = super()._update_actor(batch)
+        output = run_update(batch)
         output.meta_info["metrics"].update(metrics)
         return output
 
     def _negative_log_probs(self, batch: DataProto) -> torch.Tensor:
         """Log-probs of the responses behind the negative context, with the current actor.
 
-        Mirrors ``RayPPOTrainer._compute_old_log_prob`` (verl 0.9.1) on the rows of
+        Mirrors verl's old log-prob pass (``RayPPOTrainer``, verl 0.9.1) on the rows of
         :func:`grouprl_verl.hooks.negative_context_batch` (their own token counts, no replayed routing).
         """
         from grouprl_core.guidance import build_negative_prompt
