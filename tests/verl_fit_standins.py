@@ -39,7 +39,6 @@ import threading
 from dataclasses import dataclass, field
 from functools import partial
 
-import numpy as np
 import ray
 import torch
 from transformers import AutoModelForCausalLM
@@ -455,13 +454,6 @@ class CPUActorRolloutRefWorker(Worker):
         self.records.weight_syncs.append((global_steps, flat_weights(self.actor)))
 
 
-def _non_tensor_list(data, key):
-    value = data.get(key, None) if key in data.keys() else None
-    if value is None:
-        return None
-    return list(value.tolist()) if hasattr(value, "tolist") else list(value)
-
-
 def _batch_record(data) -> dict:
     record = {}
     for key in ("responses", "response_mask", "advantages", "token_level_scores", "token_level_rewards",
@@ -582,9 +574,6 @@ def uid_groups(uids) -> dict[str, list[int]]:
         groups.setdefault(str(u), []).append(i)
     return groups
 
-
-def as_numpy(values) -> np.ndarray:
-    return np.asarray(list(values), dtype=object)
 
 
 # ----------------------------------------------------------------------------- running a fit
