@@ -84,12 +84,12 @@ def trained_steps(run: S.FitRun) -> list[int]:
 
 
 # ============================================================================ GPG
-GPG_STEPS = 4
+GPG_STEPS = 5
 GPG_EXTRA = [
     "data.train_batch_size=8", "actor_rollout_ref.actor.ppo_mini_batch_size=8",
-    "++algorithm.grouprl.gpg.valid_threshold=0.875",  # 7 of 8 groups valid, else an extra round (beta_th)
+    "++algorithm.grouprl.gpg.valid_threshold=1.0",  # every group valid, else an extra round (beta_th)
     "++algorithm.grouprl.gpg.max_resample_rounds=1",
-    "trainer.save_freq=3",  # the resume test starts from global_step_3
+    "trainer.save_freq=4",  # the resume test starts from global_step_4
     "data.shuffle=false",  # steps 1-3 draw rows 0-11 in order; extra rounds draw from all rows (own sampler)
     # a colocated reward model: fit scores after generation with _compute_reward_colocate (the RM server is a stand-in)
     "reward.reward_model.enable=true",
@@ -203,10 +203,10 @@ def test_gpg_colocated_reward_model_scored_every_generation_round(gpg_run):
 
 
 def test_gpg_resume_restores_carry_buffer_and_resampling_position(gpg_run, fit_env):
-    """Defect 10: a run interrupted after step 3 and resumed equals the straight run at step 4."""
+    """Defect 10: a run interrupted after step 4 and resumed equals the straight run at step 5."""
     straight = gpg_run
     last = straight.step_metrics(GPG_STEPS)
-    # the last step uses groups carried from step 3 and an extra round from the resampling sampler
+    # the last step uses groups carried from the step before and an extra round from the resampling sampler
     assert last["gpg/carried_frac"] > 0 and last["gpg/resample_rounds"] > 0
     checkpoint = os.path.join(str(fit_env["root"] / "gpg"), "ckpt", f"global_step_{GPG_STEPS - 1}")
     extra = GPG_EXTRA + [f"reward.reward_model.model_path={fit_env['model']}", "reward.reward_model.rollout.name=vllm",

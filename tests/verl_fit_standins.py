@@ -163,7 +163,7 @@ class CPUHybridRollout:
         self.awake = True
 
     @torch.no_grad()
-    def generate(self, prompt_ids: list[int], sampling_params: dict) -> TokenOutput:
+    def generate(self, prompt_ids: list[int], sampling_params: dict, row: int = 0) -> TokenOutput:
         if not self.awake:
             raise RuntimeError("rollout stand-in: generate() while the engine sleeps")
         if not self.weights_loaded:
@@ -171,7 +171,9 @@ class CPUHybridRollout:
                 "rollout stand-in: generate() after a level-2 sleep without update_weights(): vLLM discarded the "
                 "weights; only the checkpoint manager's update_weights() restores them"
             )
-        key = (tuple(prompt_ids), self.version)
+        # the sample depends on the prompt, the weights' version and the row (and how often that row was asked
+        # since the weights were synced), not on the order in which the agent loop's tasks call: runs replay
+        key = (tuple(prompt_ids), self.version, row)
         ordinal = self._ordinal.get(key, 0)
         self._ordinal[key] = ordinal + 1
         digest = hashlib.md5(repr((key, ordinal)).encode()).hexdigest()
@@ -243,7 +245,8 @@ class CPULLMClient:
                        audio_data=None, mm_processor_kwargs=None, **kwargs) -> TokenOutput:
         if image_data or video_data or audio_data:
             raise NotImplementedError("rollout stand-in: text only")
-        output = self.rollout.generate(list(prompt_ids), dict(sampling_params))
+        # the agent loop passes each row's index in the batch as its vLLM priority
+        output = self.rollout.generate(list(prompt_ids), dict(sampling_params), row=int(kwargs.get("priority", 0)))
         steps = output.extra_fields.get("global_steps")
         output.extra_fields.setdefault("min_global_steps", steps)
         output.extra_fields.setdefault("max_global_steps", steps)
@@ -568,6 +571,18 @@ class CPUTaskRunner(GroupRLTaskRunner):
         return CPUResourcePoolManager(manager.resource_pool_spec, manager.mapping)
 
 
+def _wait_until_released(name: str, attempts: int = 300) -> None:
+    import time
+
+    for _ in range(attempts):
+        try:
+            ray.get_actor(name)
+        except ValueError:
+            return
+        time.sleep(0.1)
+    raise RuntimeError(f"Ray actor {name!r} is still registered after ray.kill")
+
+
 def uid_groups(uids) -> dict[str, list[int]]:
     groups: dict[str, list[int]] = {}
     for i, u in enumerate(uids):
@@ -675,8 +690,9 @@ def run_fit(config, work_dir: str) -> FitRun:
             os.environ["VERL_FILE_LOGGER_PATH"] = saved[1]
         trainer = runner.trainer
         manager = getattr(trainer, "reward_loop_manager", None) if trainer is not None else None
-        for handle in getattr(manager, "reward_loop_workers", []):  # named actors: free the names for the next run
-            ray.kill(handle)
+        for i, handle in enumerate(getattr(manager, "reward_loop_workers", [])):
+            ray.kill(handle)  # named actors (reward_loop_worker_<i>): the next run creates them again
+            _wait_until_released(f"reward_loop_worker_{i}")
     with open(metrics_path) as f:
         metrics = [json.loads(line) for line in f if line.strip()]
     worker = trainer.actor_rollout_wg.worker
