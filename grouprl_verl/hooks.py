@@ -120,7 +120,7 @@ def guidance_filter(data: DataProto, options: GuidanceOptions) -> tuple[dict[str
 def negative_context_batch(data: DataProto, negative_prompt_ids: list[list[int]], pad_token_id: int) -> DataProto:
     """The batch's responses behind the negative prompts: left-padded ``[c- | response]`` rows.
 
-    Mirrors the row layout that ``RayPPOTrainer._compute_old_log_prob`` (verl 0.9.1) sends to
+    Mirrors the row layout that verl's old log-prob pass (``RayPPOTrainer``, verl 0.9.1) sends to
     ``actor_rollout_wg.compute_log_prob``; the returned ``log_probs`` then align with ``responses``.
     """
     responses = data.batch["responses"]
@@ -145,7 +145,11 @@ def negative_context_batch(data: DataProto, negative_prompt_ids: list[list[int]]
         "position_ids": position_ids,
         "response_mask": data.batch["response_mask"],
     }
-    return DataProto.from_dict(tensors=tensors, meta_info=dict(data.meta_info))
+    # its own token counts (the worker's MFU estimate reads global_token_num); nothing of the positive batch's
+    # routing (routed_experts): the worker routes these other sequences itself
+    meta_info = dict(data.meta_info)
+    meta_info["global_token_num"] = attention_mask.sum(-1).tolist()
+    return DataProto.from_dict(tensors=tensors, meta_info=meta_info)
 
 
 def apply_guidance_weights(data: DataProto, neg_log_probs: torch.Tensor, options: GuidanceOptions) -> dict[str, float]:
@@ -199,30 +203,79 @@ def write_response(data: DataProto, row: int, response_ids: list[int], pad_token
     return truncated
 
 
-def set_outcome_reward(data: DataProto, row: int, score: float) -> None:
-    """Put ``score`` on the last valid response token of ``rm_scores`` (verl's reward-loop convention)."""
-    length = int(data.batch["response_mask"][row].sum())
-    if length == 0:
-        raise ValueError(f"row {row} has an empty response; cannot place its reward")
-    data.batch["rm_scores"][row] = 0
-    data.batch["rm_scores"][row, length - 1] = score
+# keys of a row that describe the prompt (dataset columns the reward managers read), as the agent loop sends
+# them to the reward loop; everything else in the batch belongs to the replaced rollout
+GOLD_SCORING_KEYS = ("data_source", "reward_model", "extra_info", "uid", "raw_prompt", "index", "tools_kwargs",
+                     "interaction_kwargs", "agent_name", "multi_modal_data")
+GOLD_NUM_TURNS = 2  # one user turn and one assistant turn, as verl's single-turn agent loop reports
+
+
+def gold_scoring_batch(data: DataProto, rows: list[int]) -> DataProto:
+    """The rewritten gold rows as verl's reward loop receives a finished rollout: the sequence tensors, the
+    prompt's dataset fields and ``__num_turns__`` (nothing of the replaced rollout's tool calls or scores)."""
+    tensors = {k: data.batch[k][rows].clone() for k in ("prompts", "responses", "response_mask", "input_ids",
+                                                         "attention_mask", "position_ids")}
+    non_tensors = {k: data.non_tensor_batch[k][rows] for k in GOLD_SCORING_KEYS if k in data.non_tensor_batch}
+    non_tensors["__num_turns__"] = np.full(len(rows), GOLD_NUM_TURNS, dtype=np.int32)
+    return DataProto.from_dict(tensors=tensors, non_tensors=non_tensors)
+
+
+def object_extras(data: DataProto) -> None:
+    """Make the reward-extra arrays of ``data`` (``meta_info["reward_extra_keys"]``) object arrays, in place.
+
+    verl's agent loop and reward loop build them with ``np.array(values)``: strings become fixed-width
+    arrays (``"4"`` -> ``<U1``), so a longer value written into a row later (a gold row's ``"42"``, a row
+    from another GPG round) would be cut silently. Object arrays hold any value.
+    """
+    for key in data.meta_info.get("reward_extra_keys", []):
+        if key in data.non_tensor_batch and data.non_tensor_batch[key].dtype != object:
+            data.non_tensor_batch[key] = data.non_tensor_batch[key].astype(object)
+
+
+def set_rows(array: np.ndarray, rows: list[int], values, what: str) -> None:
+    """``array[rows] = values`` in place, refusing to cut or convert a value silently (a fixed-width string or
+    a numeric array that cannot hold it)."""
+    for row, value in zip(rows, values, strict=True):
+        value = value.item() if isinstance(value, np.generic) else value
+        array[row] = value
+        if array.dtype != object and array[row] != value and value == value:  # value == value: not NaN
+            raise ValueError(
+                f"{what}: a {array.dtype} array cannot hold {value!r} (it stored {array[row]!r}). grouprl makes reward "
+                "extras object arrays when verl balances the batch; keep trainer.balance_batch=true."
+            )
+
+
+def write_scored_rows(data: DataProto, rows: list[int], scored: DataProto) -> None:
+    """Copy the reward loop's result for ``rows`` (``rm_scores`` and every reward-extra key) into ``data``, in place
+    (``fit`` holds references to ``rm_scores`` and to the extra arrays)."""
+    for key in ("rm_scores", "token_level_scores", "token_level_rewards"):
+        if key in data.batch.keys():
+            data.batch[key][rows] = scored.batch["rm_scores"].to(data.batch[key].dtype)
+    for key in data.meta_info.get("reward_extra_keys", []):
+        if key not in scored.non_tensor_batch:
+            raise ValueError(
+                f"the reward returned no {key!r} for a gold row, but did for the rollouts; return the same keys for "
+                "every response"
+            )
+        set_rows(data.non_tensor_batch[key], rows, scored.non_tensor_batch[key], f"reward extra {key!r} of a gold row")
 
 
 def inject_gold(
     data: DataProto,
     options: GCPOOptions,
     gold_ids: list[list[int] | None],
-    score_fn: Callable[[int], float | dict],
+    score_rows: Callable[[DataProto], DataProto],
     pad_token_id: int,
-) -> dict[str, float]:
+) -> tuple[dict[str, float], list[int]]:
     """GCPO-gold (Wu & Liu, arXiv 2510.07790) [PROPOSAL]: put the reference solution into groups with no
     correct rollout (``reward >= correct_threshold``), replacing the group's last row, in place.
 
     ``gold_ids[i]`` is the rendered reference completion of row i's prompt (None or [] = no gold).
-    ``score_fn(row)`` scores the rewritten row with the run's reward function (never assumed
-    correct); a dict result needs ``"score"`` and its other keys update the matching
-    ``non_tensor_batch`` arrays (reward_extra_info). Must run after rewards and before the old
-    log-prob pass, so the gold row gets its old log-probs from that pass.
+    ``score_rows(batch)`` scores the rewritten rows (:func:`gold_scoring_batch`) the way the run scores
+    every rollout (verl's reward loop and configured reward manager) and returns its ``rm_scores``
+    and reward extras, which replace the rows' (never assumed correct). Must run after rewards and
+    before the old log-prob pass, so the gold rows get their old log-probs from that pass. Returns
+    the metrics and the replaced rows.
     """
     rewards = outcome_rewards(data).to(torch.float32)
     group_ids = batch_group_ids(data, "grouprl_gcpo")
@@ -231,25 +284,19 @@ def inject_gold(
     has_gold = torch.tensor([bool(g) for g in gold_ids])
     plan = plan_gold_injection(rewards >= options.correct_threshold, group_ids, has_gold,
                                trigger=options.trigger, placement=options.placement)
-    scores, truncated = [], 0
-    for row in plan.replace_index.tolist():
-        truncated += write_response(data, row, gold_ids[row], pad_token_id)
-        result = score_fn(row)
-        if isinstance(result, dict):
-            if "score" not in result:
-                raise ValueError(f"the reward function returned a dict without 'score' for the gold row: {result}")
-            for key, value in result.items():
-                if key != "score" and key in data.non_tensor_batch:
-                    data.non_tensor_batch[key][row] = value
-            result = result["score"]
-        set_outcome_reward(data, row, float(result))
-        scores.append(float(result))
+    rows = plan.replace_index.tolist()
+    truncated = sum(write_response(data, row, gold_ids[row], pad_token_id) for row in rows)
+    scores = []
+    if rows:
+        scored = score_rows(gold_scoring_batch(data, rows))
+        write_scored_rows(data, rows, scored)
+        scores = scored.batch["rm_scores"].sum(-1).tolist()
     num_groups = int(group_ids.max()) + 1
     return {
         "gold/injected_frac": plan.num_injected / num_groups,
         "gold/reward_mean": float(np.mean(scores)) if scores else 0.0,
         "gold/truncated": float(truncated),
-    }
+    }, rows
 
 
 # ----------------------------------------------------------------------------- GPG threshold
@@ -330,7 +377,11 @@ def _select_groups(rounds: list[DataProto], pairs: list[tuple[int, str]]) -> Dat
         if not wanted:
             continue
         idx = [i for i, u in enumerate(batch.non_tensor_batch["uid"]) if str(u) in wanted]
-        pieces.append(batch.select_idxs(np.asarray(idx, dtype=np.int64)))
+        piece = batch.select_idxs(np.asarray(idx, dtype=np.int64))
+        # select_idxs shares the round's meta_info (its global_token_num, ...), which DataProto.concat requires
+        # to agree across pieces; the rows are copied into the step's batch, which keeps its own meta_info
+        piece.meta_info = {}
+        pieces.append(piece)
     shapes = {tuple((k, tuple(v.shape[1:])) for k, v in sorted(p.batch.items())) for p in pieces}
     if len(shapes) > 1:
         raise ValueError(
@@ -350,7 +401,8 @@ def replace_in_place(target: DataProto, source: DataProto) -> None:
         raise ValueError(f"batch keys differ: {sorted(target.batch.keys())} vs {sorted(source.batch.keys())}")
     for key in target.batch.keys():
         target.batch[key].copy_(source.batch[key])
+    rows = list(range(len(target)))
     for key, array in target.non_tensor_batch.items():
-        array[:] = source.non_tensor_batch[key]
+        set_rows(array, rows, source.non_tensor_batch[key], f"non-tensor {key!r} of a GPG row")
     if "global_token_num" in target.meta_info:
         target.meta_info["global_token_num"] = torch.sum(target.batch["attention_mask"], dim=-1).tolist()

@@ -65,7 +65,7 @@ def current_loss_extras(required: tuple[str, ...], loss_name: str) -> dict[str, 
 def grouprl_ppo_loss(config, model_output, data, dp_group=None):
     """verl's ``ppo_loss`` (``verl.workers.utils.losses``, 0.9.1) with the batch's ``grouprl_*`` fields
     exposed to the registered loss. Same signature, same result otherwise."""
-    from verl.workers.utils.losses import ppo_loss
+    from ._compat import ppo_loss  # verl's internal module, version-checked there
 
     extras = {key: data[key] for key in data.keys() if isinstance(key, str) and key.startswith(EXTRA_PREFIX)}
     with loss_extras(extras):

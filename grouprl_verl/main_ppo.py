@@ -1,11 +1,15 @@
 """``python -m grouprl_verl.main_ppo --config-name grouprl_<algo> [overrides]``: verl's PPO entry point
-with grouprl's trainer hooks.
+with grouprl's trainer.
 
 Mirrors ``verl.trainer.main_ppo.main`` (verl 0.9.1) for the legacy trainer (``trainer.use_v1=false``):
 same Hydra config tree (our YAMLs in ``grouprl_verl/configs/`` extend verl's ``ppo_trainer``), same
-``run_ppo``. The only difference is the task runner: :class:`GroupRLTaskRunner` is verl's
-``main_ppo_v0.TaskRunner`` whose ``run`` builds :class:`grouprl_verl.trainer.GroupRLRayPPOTrainer`
-instead of ``RayPPOTrainer``.
+``run_ppo``. Two differences:
+
+* the task runner is :class:`grouprl_verl.runner.GroupRLTaskRunner`, whose ``run`` constructs
+  :class:`grouprl_verl.trainer.GroupRLRayPPOTrainer` (it logs ``grouprl: GroupRLRayPPOTrainer,
+  algorithm=...`` when it does);
+* grouprl's config checks (unknown ``algorithm.grouprl.*`` keys, bad values, unsupported
+  combinations) run here in the driver, before Ray starts or asks for GPUs.
 
 The configs ship inside this package (``grouprl_verl/configs``; ``configs/verl`` in the repository is
 a link to them), so editable and regular installs find them; ``--config-path DIR`` points Hydra at
@@ -17,54 +21,39 @@ from __future__ import annotations
 import os
 
 import hydra
-import ray
 
 # package data, so an installed wheel finds them too (configs/verl in the repository links here)
 CONFIG_PATH = os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs")
 
 
-def _upstream_task_runner():
-    from verl.trainer import main_ppo_v0
-
-    # the plain class behind verl's @ray.remote TaskRunner (Ray forbids subclassing the actor handle)
-    return main_ppo_v0.TaskRunner.__ray_actor_class__
-
-
-@ray.remote
-class GroupRLTaskRunner(_upstream_task_runner()):
-    """verl's legacy ``TaskRunner`` (main_ppo_v0.py:136) running :class:`GroupRLRayPPOTrainer`."""
-
-    def run(self, config):
-        from verl.trainer import main_ppo_v0
-
-        from grouprl_verl.trainer import GroupRLRayPPOTrainer
-
-        # TaskRunner.run constructs `RayPPOTrainer` by its module-level name; this actor process runs
-        # nothing else, so pointing that name at our subclass changes exactly this one call.
-        main_ppo_v0.RayPPOTrainer = GroupRLRayPPOTrainer
-        return super().run(config)
-
-
 def check_config(config) -> None:
-    """Clear errors for settings the grouprl hooks cannot work with."""
-    if config.trainer.get("use_v1", True):
-        raise ValueError(
-            "trainer.use_v1=true: grouprl's hooks extend the legacy DataProto trainer (RayPPOTrainer). "
-            "Set trainer.use_v1=false (the grouprl_* configs do)."
-        )
+    """grouprl's checks of a composed config (raises ``ValueError`` naming the key and the fix)."""
+    from .trainer import grouprl_settings
+
+    grouprl_settings(config)
+
+
+def run(config) -> None:
+    """What ``main`` does with the composed config; mirrors ``verl.trainer.main_ppo.main``."""
+    import ray
+    from verl.trainer.main_ppo import run_ppo
+    from verl.utils.device import auto_set_device
+
+    from ._compat import need_critic, need_reference_policy, validate_config
+    from .runner import GroupRLTaskRunner
+
+    check_config(config)
+    auto_set_device(config)
+    validate_config(config=config, use_reference_policy=need_reference_policy(config), use_critic=need_critic(config))
+    # the verl.plugins entry point registers grouprl in every process; this also covers a checkout
+    # used through PYTHONPATH without `pip install -e .` (must be set before ray.init)
+    os.environ.setdefault("VERL_USE_EXTERNAL_MODULES", "grouprl_verl.register")
+    run_ppo(config, task_runner_class=ray.remote(GroupRLTaskRunner))
 
 
 @hydra.main(config_path=CONFIG_PATH, config_name="grouprl_gpg", version_base=None)
 def main(config):
-    from verl.trainer.main_ppo import run_ppo
-    from verl.utils.device import auto_set_device
-
-    check_config(config)
-    auto_set_device(config)
-    # the verl.plugins entry point registers grouprl in every process; this also covers a checkout
-    # used through PYTHONPATH without `pip install -e .` (must be set before ray.init)
-    os.environ.setdefault("VERL_USE_EXTERNAL_MODULES", "grouprl_verl.register")
-    run_ppo(config, task_runner_class=GroupRLTaskRunner)
+    run(config)
 
 
 if __name__ == "__main__":

@@ -1,16 +1,21 @@
 """``GroupRLRayPPOTrainer``: verl's legacy ``RayPPOTrainer`` (0.9.1) plus the steps registries cannot do.
 
-It overrides two narrow methods of ``verl.trainer.ppo.ray_trainer.RayPPOTrainer`` that ``fit`` calls
-at the right moments, and leaves ``fit`` itself alone:
+It implements the hooks of :class:`grouprl_verl._compat.RayPPOTrainerHooks`, which maps the narrow private
+steps of ``verl.trainer.ppo.ray_trainer.RayPPOTrainer`` that ``fit`` calls at the right moments to named
+hooks; ``fit`` itself is verl's:
 
-* ``_compute_old_log_prob(batch)`` (ray_trainer.py:1290) runs after the rewards (``rm_scores``) are
-  known and before any log-prob pass. Before delegating to it we
+* ``prepare_rewards`` (when verl balances the batch or gets a colocated reward model's scores, before
+  ``fit`` takes references to the reward extras): the reward-extra arrays become object arrays, so rows
+  rewritten later keep full values.
+* ``before_old_log_prob(batch)`` runs after the rewards (``rm_scores``) are known and before any
+  log-prob pass:
   - GCPO-gold: rewrite one rollout of every all-wrong group with the reference solution and score
-    it with the run's reward function (:func:`grouprl_verl.hooks.inject_gold`);
+    it through verl's reward loop, like every rollout (:func:`grouprl_verl.hooks.inject_gold`); after
+    it, the gold rows count as on-policy for verl's rollout correction;
   - GPG with ``valid_threshold > 0``: assemble a batch whose valid-group fraction reaches beta_th
     from extra generation rounds and carried groups (:class:`grouprl_verl.hooks.GPGGroupAssembler`).
   Both write into the batch in place (``fit`` holds references to its tensors and arrays).
-* ``_update_actor(batch)`` (ray_trainer.py:1327) runs after ``compute_advantage``. Before delegating:
+* ``actor_update(batch, run_update)`` runs after ``compute_advantage``. Before verl's update:
   - COPO: attach the global advantage and gate per sample (:func:`~grouprl_verl.hooks.attach_copo_fields`);
     ``init_workers`` installed :func:`grouprl_verl.losses.grouprl_ppo_loss` on the actor so the
     ``grouprl_copo`` loss sees them;
@@ -19,86 +24,147 @@ at the right moments, and leaves ``fit`` itself alone:
   - GPG / guidance: a batch without any learning signal skips the update for real (no optimizer
     step, so weight decay does not move the weights either).
   It also logs the grouprl metrics with the actor's.
+* ``after_save_checkpoint`` / ``after_load_checkpoint``: GPG's carry buffer and the position of its
+  extra-round sampler travel with verl's checkpoint (``grouprl_gpg.pt`` in ``global_step_N``).
 
-This code needs verl's GPU workers (vLLM/SGLang rollout, FSDP engine); its pure logic lives in
-:mod:`grouprl_verl.hooks` and is tested on CPU.
+``tests/test_verl_fit_cpu.py`` runs ``fit`` through this class on CPU, with stand-ins only for the
+GPU parts (see ``grouprl_verl/README.md``).
 """
 
 from __future__ import annotations
 
-import asyncio
-import inspect
+import os
 import uuid
 from functools import partial
 
 import numpy as np
 import torch
+from omegaconf import OmegaConf
 from verl import DataProto
-from verl.trainer.ppo.ray_trainer import RayPPOTrainer
-from verl.utils import tensordict_utils as tu
-from verl.workers.utils.padding import left_right_2_no_padding, no_padding_2_padding
 
 from grouprl_core.groups import zero_variance_mask
 
 from . import estimators, hooks, losses
+from ._compat import (
+    RayPPOTrainerHooks,
+    compute_response_mask,
+    left_right_2_no_padding,
+    no_padding_2_padding,
+    omega_conf_to_dataclass,
+    tu,
+)
 from .config import algo_options
 
 ESTIMATOR_TO_ALGO = {
     estimators.GPG: "gpg", estimators.GCPO: "gcpo", estimators.COPO: "copo", estimators.GUIDANCE: "guidance",
 }
+GPG_STATE_FILE = "grouprl_gpg.pt"
 
 
-class GroupRLRayPPOTrainer(RayPPOTrainer):
+def grouprl_settings(config) -> tuple[str | None, object]:
+    """The grouprl algorithm a composed verl config selects and its validated options.
+
+    Raises ``ValueError`` naming the key and the fix for: the V1 trainer, unknown or bad
+    ``algorithm.grouprl.<algo>.*`` keys, COPO without both its estimator and its loss,
+    ``rollout_correction.bypass_mode`` or ``trainer.balance_batch=false`` with the hooks that rewrite
+    rows before the old log-prob pass, and guidance with MoE router replay R3.
+    """
+    if config.trainer.get("use_v1", True):
+        raise ValueError(
+            "trainer.use_v1=true: grouprl's hooks extend the legacy DataProto trainer (RayPPOTrainer). "
+            "Set trainer.use_v1=false (the grouprl_* configs do)."
+        )
+    algorithm = config.algorithm
+    algo = ESTIMATOR_TO_ALGO.get(str(algorithm.adv_estimator))
+    options = algo_options(algorithm, algo) if algo else None
+    actor = config.actor_rollout_ref.actor
+    loss_mode = actor.policy_loss.get("loss_mode", "vanilla")
+    if (loss_mode == losses.COPO) != (algo == "copo"):
+        raise ValueError(
+            f"algorithm.adv_estimator={algorithm.adv_estimator} with actor_rollout_ref.actor.policy_loss.loss_mode="
+            f"{loss_mode}: COPO needs both set to grouprl_copo (the loss reads the fields the estimator's hook attaches)."
+        )
+    rewrites_rows = algo == "gcpo" or (algo == "gpg" and options.valid_threshold > 0)
+    bypass = (algorithm.get("rollout_correction") or {}).get("bypass_mode", False)
+    if bypass and rewrites_rows:
+        raise ValueError(
+            "algorithm.rollout_correction.bypass_mode=true skips verl's old log-prob pass, before which the GCPO-gold "
+            "and GPG-threshold hooks run; set it to false."
+        )
+    if rewrites_rows and not config.trainer.get("balance_batch", True):
+        raise ValueError(
+            "trainer.balance_batch=false: GCPO-gold and the GPG threshold rewrite rows after rewards, and grouprl "
+            "makes the reward-extra arrays hold any value when verl balances the batch (otherwise a longer "
+            "string would be cut). Set trainer.balance_batch=true (with one GPU it only reorders the batch)."
+        )
+    strategy = actor.get("strategy", "fsdp")
+    replay = OmegaConf.select(actor, f"{strategy}.router_replay.mode", default="disabled")
+    if algo == "guidance" and replay == "R3":
+        raise ValueError(
+            f"actor_rollout_ref.actor.{strategy}.router_replay.mode=R3 replays the rollout's MoE routing in every "
+            "log-prob pass, but guidance's negative-context sequences were never rolled out. Use R2 (the negative "
+            "pass then routes and records by itself) or disabled."
+        )
+    return algo, options
+
+
+class GroupRLRayPPOTrainer(RayPPOTrainerHooks):
     """verl's ``RayPPOTrainer`` with grouprl's hooks; same constructor and ``fit``."""
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
-        algorithm = self.config.algorithm
-        self.grouprl_algo = ESTIMATOR_TO_ALGO.get(str(algorithm.adv_estimator))
-        self.grouprl_options = algo_options(algorithm, self.grouprl_algo) if self.grouprl_algo else None
+        self.grouprl_algo, self.grouprl_options = grouprl_settings(self.config)
+        estimator = self.config.algorithm.adv_estimator
         loss_mode = self.config.actor_rollout_ref.actor.policy_loss.get("loss_mode", "vanilla")
-        if (loss_mode == losses.COPO) != (self.grouprl_algo == "copo"):
-            raise ValueError(
-                f"algorithm.adv_estimator={algorithm.adv_estimator} with actor_rollout_ref.actor.policy_loss.loss_mode="
-                f"{loss_mode}: COPO needs both set to grouprl_copo (the loss reads the fields the estimator's hook attaches)."
-            )
-        bypass = (algorithm.get("rollout_correction") or {}).get("bypass_mode", False)
-        if bypass and self.grouprl_algo in ("gcpo", "gpg"):
-            raise ValueError(
-                "algorithm.rollout_correction.bypass_mode=true skips _compute_old_log_prob, where the GCPO-gold and "
-                "GPG-threshold hooks run; set it to false."
-            )
+        print(f"grouprl: {type(self).__name__}, algorithm={self.grouprl_algo or 'none'} ({estimator} / {loss_mode})",
+              flush=True)
         self._gpg_assembler = hooks.GPGGroupAssembler(self.grouprl_options) if self.grouprl_algo == "gpg" else None
+        self._rewrites_rows = self.grouprl_algo == "gcpo" or (
+            self.grouprl_algo == "gpg" and self.grouprl_options.valid_threshold > 0)
+        self._resample_loader = None
         self._resample_iter = None
-        self._reward_fn = None
 
     # ------------------------------------------------------------------ workers
     def init_workers(self):
         super().init_workers()
         if self.grouprl_algo == "copo":
-            from verl.utils.config import omega_conf_to_dataclass
-
             actor_config = omega_conf_to_dataclass(self.config.actor_rollout_ref.actor)
             # mirrors ActorRolloutRefWorker.init_model (engine_workers.py:643): partial(ppo_loss, config=actor_config)
             self.actor_rollout_wg.set_loss_fn(partial(losses.grouprl_ppo_loss, config=actor_config))
 
+    # ------------------------------------------------------------------ before fit takes the reward extras
+    def prepare_rewards(self, data: DataProto) -> None:
+        if self._rewrites_rows:
+            hooks.object_extras(data)
+
     # ------------------------------------------------------------------ after rewards, before old log-probs
-    def _compute_old_log_prob(self, batch: DataProto):
-        """Mirrors ``RayPPOTrainer._compute_old_log_prob`` (verl 0.9.1) after the grouprl pre-steps."""
+    def before_old_log_prob(self, batch: DataProto) -> None:
         self._grouprl_metrics = {}
+        self._gold_rows = []
         if self.grouprl_algo == "gcpo":
-            self._grouprl_metrics.update(self._inject_gold(batch))
+            metrics, self._gold_rows = self._inject_gold(batch)
+            self._grouprl_metrics.update(metrics)
         elif self.grouprl_algo == "gpg" and self.grouprl_options.valid_threshold > 0:
             assembled, metrics = self._gpg_assembler.assemble(batch, self._generate_round)
             if assembled is not batch:
+                if self.config.trainer.balance_batch:
+                    self.balance(assembled)  # the DP token balance of the rows trained
                 hooks.replace_in_place(batch, assembled)
             self._grouprl_metrics.update(metrics)
-        return super()._compute_old_log_prob(batch)
 
-    def _inject_gold(self, batch: DataProto) -> dict[str, float]:
-        opts = self.grouprl_options
+    def after_old_log_prob(self, batch: DataProto, old_log_prob: DataProto) -> None:
+        rows = self._gold_rows
+        if rows and "rollout_log_probs" in batch.batch.keys():
+            # gold rows were not sampled by the rollout policy: verl's rollout correction (mismatch metrics, IS
+            # weights, rejection sampling) treats them as on-policy (ratio 1) instead of as log-prob 0 samples
+            batch.batch["rollout_log_probs"][rows] = old_log_prob.batch["old_log_probs"][rows].to(
+                batch.batch["rollout_log_probs"].dtype)
+
+    def _inject_gold(self, batch: DataProto) -> tuple[dict[str, float], list[int]]:
         gold_ids = [self._gold_ids(batch, i) for i in range(len(batch))]
-        return hooks.inject_gold(batch, opts, gold_ids, partial(self._score_row, batch), self.tokenizer.pad_token_id)
+        # scored the way fit scores a colocated reward model's batch: verl's reward loop workers, each row
+        # through the configured reward manager (DAPO's overlong penalty, sandbox, reward model, ...)
+        return hooks.inject_gold(batch, self.grouprl_options, gold_ids, self.score_rows, self.tokenizer.pad_token_id)
 
     def _gold_ids(self, batch: DataProto, row: int) -> list[int] | None:
         key = self.grouprl_options.solution_key
@@ -117,65 +183,92 @@ class GroupRLRayPPOTrainer(RayPPOTrainer):
         text = self.grouprl_options.gold_template.format(solution=solution)
         return self.tokenizer.encode(text, add_special_tokens=False) + [self.tokenizer.eos_token_id]
 
-    def _score_row(self, batch: DataProto, row: int):
-        """Mirrors ``NaiveRewardManager.run_single`` (verl 0.9.1): the configured custom reward function,
-        else ``default_compute_score``, on the decoded response."""
-        if self._reward_fn is None:
-            from verl.trainer.ppo.reward import get_custom_reward_fn
-            from verl.utils.reward_score import default_compute_score
+    # ------------------------------------------------------------------ GPG extra rounds
+    def _make_resample_loader(self):
+        from torchdata.stateful_dataloader import StatefulDataLoader
+        from torchdata.stateful_dataloader.sampler import RandomSampler
 
-            self._reward_fn = get_custom_reward_fn(self.config) or default_compute_score
-        length = int(batch.batch["response_mask"][row].sum())
-        text = self.tokenizer.decode(batch.batch["responses"][row, :length], skip_special_tokens=True)
-        non_tensor = batch.non_tensor_batch
-        result = self._reward_fn(
-            data_source=non_tensor[self.config.data.reward_fn_key][row],
-            solution_str=text,
-            ground_truth=non_tensor["reward_model"][row]["ground_truth"],
-            extra_info=non_tensor.get("extra_info", [None] * len(batch))[row],
+        # an order of its own: data.seed + 1, or with data.seed null (verl's default) the seed verl's
+        # create_rl_sampler then uses (an unseeded torch.Generator) + 1
+        generator = torch.Generator()
+        seed = self.config.data.get("seed")
+        generator.manual_seed((generator.initial_seed() if seed is None else int(seed)) + 1)
+        return StatefulDataLoader(
+            self.train_dataset, batch_size=self.train_dataloader.batch_size, drop_last=True,
+            sampler=RandomSampler(self.train_dataset, generator=generator),
+            collate_fn=self.train_dataloader.collate_fn,
         )
-        return asyncio.run(result) if inspect.isawaitable(result) else result
+
+    def _next_resample_batch(self) -> dict:
+        """The next batch of the extra-round sampler (a second pass over the training set, in its own order)."""
+        if self._resample_loader is None:
+            self._resample_loader = self._make_resample_loader()
+        for fresh_pass in (False, True):
+            if self._resample_iter is None or fresh_pass:
+                self._resample_iter = iter(self._resample_loader)
+            batch_dict = next(self._resample_iter, None)
+            if batch_dict is not None:
+                return batch_dict
+        raise ValueError(
+            f"GPG extra rounds: the training set ({len(self.train_dataset)} rows) holds no full generation batch of "
+            f"{self._resample_loader.batch_size} prompts. Use more data, a smaller data.train_batch_size / "
+            "data.gen_batch_size, or algorithm.grouprl.gpg.valid_threshold=0."
+        )
 
     def _generate_round(self) -> DataProto:
-        """One more generation batch from fresh prompts, scored by the reward loop.
+        """One more generation batch from fresh prompts, scored as fit scores its own.
 
-        Mirrors the non-REMAX generation part of ``RayPPOTrainer.fit`` (verl 0.9.1, ray_trainer.py:1468-1560),
-        drawing prompts from a private dataloader (a second pass over the training set, own order).
+        Mirrors the non-REMAX generation part of ``RayPPOTrainer.fit`` (verl 0.9.1): uid per prompt,
+        ``rollout.n`` interleaved repeats, the agent loop (with its streaming reward), the colocated
+        reward model if there is one; plus waking vLLM with the current weights first.
         """
-        from torchdata.stateful_dataloader import StatefulDataLoader
-
-        if self._resample_iter is None:
-            generator = torch.Generator().manual_seed(int(self.config.data.get("seed", 1)) + 1000)
-            loader = StatefulDataLoader(
-                self.train_dataset, batch_size=self.config.data.train_batch_size, shuffle=True, drop_last=True,
-                collate_fn=self.train_dataloader.collate_fn, generator=generator,
-            )
-            self._resample_iter = iter(loader)
-        try:
-            batch_dict = next(self._resample_iter)
-        except StopIteration:
-            self._resample_iter = None
-            return self._generate_round()
-        batch = DataProto.from_single_dict(batch_dict)
+        batch = DataProto.from_single_dict(self._next_resample_batch())
         batch.meta_info["temperature"] = self.config.actor_rollout_ref.rollout.temperature
         batch.non_tensor_batch["uid"] = np.array([str(uuid.uuid4()) for _ in range(len(batch))], dtype=object)
-        gen_batch = self._get_gen_batch(batch)
-        gen_batch.meta_info["global_steps"] = self.global_steps
+        generation = self.generation_inputs(batch)
+        generation.meta_info["global_steps"] = self.global_steps
         n = self.config.actor_rollout_ref.rollout.n
-        self.checkpoint_manager.wake_up_replicas()  # fit put them to sleep after its own generation
-        output = self.async_rollout_manager.generate_sequences(gen_batch.repeat(repeat_times=n, interleave=True))
+        # fit put the replicas to sleep after its generation; for full-weight training vLLM sleeps at level 2,
+        # which discards the weights: only update_weights restores them (as RayPPOTrainer._validate does)
+        self.checkpoint_manager.update_weights(self.global_steps)
+        output = self.async_rollout_manager.generate_sequences(generation.repeat(repeat_times=n, interleave=True))
         self.checkpoint_manager.sleep_replicas()
         output.meta_info.pop("timing", None)
         batch = batch.repeat(repeat_times=n, interleave=True).union(output)
         if "response_mask" not in batch.batch.keys():
-            from verl.trainer.ppo.ray_trainer import compute_response_mask
-
             batch.batch["response_mask"] = compute_response_mask(batch)
+        if self.use_rm and "rm_scores" not in batch.batch.keys():  # a colocated reward model scores after rollout
+            batch = batch.union(self.score_rows(batch))
         return batch
 
+    # ------------------------------------------------------------------ checkpoints
+    def after_save_checkpoint(self, folder: str) -> None:
+        if self._gpg_assembler is None:
+            return
+        state = {
+            "carry": self._gpg_assembler.carry,
+            "resample_loader": None if self._resample_loader is None else self._resample_loader.state_dict(),
+        }
+        torch.save(state, os.path.join(folder, GPG_STATE_FILE))
+
+    def after_load_checkpoint(self, folder: str) -> None:
+        if self._gpg_assembler is None:
+            return
+        path = os.path.join(folder, GPG_STATE_FILE)
+        if not os.path.exists(path):
+            print(f"grouprl: no {GPG_STATE_FILE} in {folder}; GPG's carry buffer and extra-round sampler start empty",
+                  flush=True)
+            return
+        state = torch.load(path, weights_only=False)  # written by after_save_checkpoint: a DataProto, loader state
+        self._gpg_assembler.carry = state["carry"]
+        if state["resample_loader"] is not None:
+            self._resample_loader = self._make_resample_loader()
+            self._resample_loader.load_state_dict(state["resample_loader"])
+            self._resample_iter = None
+
     # ------------------------------------------------------------------ after advantages, before the update
-    def _update_actor(self, batch: DataProto) -> DataProto:
-        """Mirrors ``RayPPOTrainer._update_actor`` (verl 0.9.1) after the grouprl pre-steps; may skip it."""
+    def actor_update(self, batch: DataProto, run_update) -> DataProto:
+        """grouprl's pre-steps, then verl's actor update (``run_update``), which a batch without signal skips."""
         metrics = dict(getattr(self, "_grouprl_metrics", {}))
         metrics.update(estimators.LAST_METRICS)
         skip = False
@@ -192,15 +285,15 @@ class GroupRLRayPPOTrainer(RayPPOTrainer):
         if skip:  # no learning signal: no optimizer step at all
             metrics["grouprl/skipped_update"] = 1.0
             return DataProto.from_single_dict(data={}, meta_info={"metrics": metrics})
-        output = super()._update_actor(batch)
+        output = run_update(batch)
         output.meta_info["metrics"].update(metrics)
         return output
 
     def _negative_log_probs(self, batch: DataProto) -> torch.Tensor:
         """Log-probs of the responses behind the negative context, with the current actor.
 
-        Mirrors ``RayPPOTrainer._compute_old_log_prob`` (verl 0.9.1) on the rows of
-        :func:`grouprl_verl.hooks.negative_context_batch`.
+        Mirrors verl's old log-prob pass (``RayPPOTrainer``, verl 0.9.1) on the rows of
+        :func:`grouprl_verl.hooks.negative_context_batch` (their own token counts, no replayed routing).
         """
         from grouprl_core.guidance import build_negative_prompt
 

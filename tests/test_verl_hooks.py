@@ -21,7 +21,7 @@ from grouprl_verl.config import COPOOptions, GCPOOptions, GPGOptions, GuidanceOp
 PAD = 0
 
 
-def scored_batch(rewards, group_size, width=3, uid_prefix="p", extra=None):
+def scored_batch(rewards, group_size, width=3, uid_prefix="p", extra=None, meta_info=None):
     n = len(rewards)
     rm = torch.zeros(n, width)
     rm[:, -1] = torch.tensor(rewards, dtype=torch.float32)
@@ -29,7 +29,7 @@ def scored_batch(rewards, group_size, width=3, uid_prefix="p", extra=None):
     non_tensors.update(extra or {})
     return DataProto.from_dict(
         tensors={"rm_scores": rm, "response_mask": torch.ones(n, width), "row": torch.arange(n).unsqueeze(1)},
-        non_tensors=non_tensors,
+        non_tensors=non_tensors, meta_info=meta_info,
     )
 
 
@@ -106,13 +106,15 @@ def test_negative_context_batch_layout():
         "responses": torch.tensor([[4, 5, PAD], [6, PAD, PAD]]),
         "attention_mask": torch.tensor([[1, 1, 1, 1, 0], [0, 1, 1, 0, 0]]),
         "response_mask": torch.tensor([[1, 1, 0], [1, 0, 0]]),
-    }, meta_info={"temperature": 0.7})
+    }, meta_info={"temperature": 0.7, "global_token_num": [4, 2]})
     neg = hooks.negative_context_batch(batch, [[7, 8, 9], [3]], PAD)
     assert neg.batch["input_ids"].tolist() == [[7, 8, 9, 4, 5, PAD], [PAD, PAD, 3, 6, PAD, PAD]]
     assert neg.batch["attention_mask"].tolist() == [[1, 1, 1, 1, 1, 0], [0, 0, 1, 1, 0, 0]]
     assert neg.batch["position_ids"][0, :5].tolist() == [0, 1, 2, 3, 4]
     assert neg.batch["position_ids"][1, 2:4].tolist() == [0, 1]
     assert neg.meta_info["temperature"] == 0.7
+    assert neg.meta_info["global_token_num"] == [5, 2]  # its own token counts, not the positive batch's [4, 2]
+    assert batch.meta_info["global_token_num"] == [4, 2]
 
 
 # ----------------------------------------------------------------------------- GCPO-gold
@@ -129,20 +131,39 @@ def gold_batch():
                  "input_ids": torch.cat([prompts, responses], 1), "attention_mask": attention,
                  "position_ids": (attention.cumsum(-1) - 1).clamp(min=0), "rm_scores": rm},
         non_tensors={"uid": np.array(["a", "a", "b", "b"], dtype=object),
+                     "data_source": np.array(["toy"] * 4, dtype=object),
+                     "pred": np.array(["1", "2", "3", "4"]),  # fixed width <U1, as verl's agent loop builds it
                      "acc": np.array([False, False, True, False], dtype=object)},
+        meta_info={"reward_extra_keys": ["pred", "acc"]},
     )
+
+
+def reward_loop(score, pred="42", calls=None):
+    """What verl's reward loop (RewardLoopManager.compute_rm_score) returns for the rows it is given."""
+
+    def score_rows(rows: DataProto) -> DataProto:
+        if calls is not None:
+            calls.append(rows)
+        n = len(rows)
+        rm = torch.zeros(n, rows.batch["responses"].size(1))
+        rm[torch.arange(n), rows.batch["response_mask"].sum(-1) - 1] = score
+        return DataProto.from_dict(tensors={"rm_scores": rm},
+                                   non_tensors={"pred": np.array([pred] * n), "acc": np.array([score == 1.0] * n)},
+                                   meta_info={"reward_extra_keys": ["pred", "acc"]})
+
+    return score_rows
 
 
 def test_inject_gold_replaces_the_last_rollout_of_all_wrong_groups_and_rescores():
     batch = gold_batch()
-    scored = []
-
-    def score(row):
-        scored.append((row, batch.batch["responses"][row].tolist()))
-        return {"score": 1.0, "acc": True}
-
-    metrics = hooks.inject_gold(batch, GCPOOptions(), [[11, 12]] * 2 + [[13]] * 2, score, PAD)
-    assert scored == [(1, [11, 12, PAD])]  # scored after the rewrite, once
+    hooks.object_extras(batch)  # what the trainer does in _balance_batch, before fit takes the extras
+    calls = []
+    metrics, rows = hooks.inject_gold(batch, GCPOOptions(), [[11, 12]] * 2 + [[13]] * 2, reward_loop(1.0, calls=calls),
+                                      PAD)
+    (scored,) = calls  # scored once, after the rewrite, with the prompt's fields and verl's single-turn num_turns
+    assert rows == [1] and scored.batch["responses"].tolist() == [[11, 12, PAD]]
+    assert scored.non_tensor_batch["data_source"].tolist() == ["toy"]
+    assert scored.non_tensor_batch["__num_turns__"].tolist() == [2] and "pred" not in scored.non_tensor_batch
     b = batch.batch
     assert b["responses"][1].tolist() == [11, 12, PAD] and b["response_mask"][1].tolist() == [1, 1, 0]
     assert b["input_ids"][1].tolist() == [PAD, 21, 11, 12, PAD]
@@ -150,6 +171,7 @@ def test_inject_gold_replaces_the_last_rollout_of_all_wrong_groups_and_rescores(
     assert b["position_ids"][1, 1:4].tolist() == [0, 1, 2]
     assert b["rm_scores"][1].tolist() == [0.0, 1.0, 0.0]  # on the last valid token
     assert batch.non_tensor_batch["acc"].tolist() == [False, True, True, False]
+    assert batch.non_tensor_batch["pred"].tolist() == ["1", "42", "3", "4"]  # not cut to the rollouts' width
     assert b["responses"][0].tolist() == [4, 5, PAD] and b["responses"][3].tolist() == [5, PAD, PAD]
     assert metrics == {"gold/injected_frac": 0.5, "gold/reward_mean": 1.0, "gold/truncated": 0.0}
     # the GCPO estimator now sees a contrast in group a: rewards [0, 1] -> -/+ 0.5 / std(0.7071)
@@ -158,16 +180,24 @@ def test_inject_gold_replaces_the_last_rollout_of_all_wrong_groups_and_rescores(
     assert out.batch["advantages"][:2, 0].tolist() == pytest.approx([-1 / math.sqrt(2), 1 / math.sqrt(2)], rel=1e-5)
 
 
+def test_inject_gold_refuses_to_cut_an_extra_in_a_fixed_width_array():
+    batch = gold_batch()  # without object_extras: verl's <U1 array cannot hold the gold row's "42"
+    with pytest.raises(ValueError, match="cannot hold .*42.*balance_batch"):
+        hooks.inject_gold(batch, GCPOOptions(), [[11, 12]] * 4, reward_loop(1.0), PAD)
+
+
 def test_inject_gold_without_gold_truncation_and_never():
     batch = gold_batch()
-    metrics = hooks.inject_gold(batch, GCPOOptions(), [None, None, [1], [1]], lambda row: 1.0, PAD)
-    assert metrics["gold/injected_frac"] == 0.0 and batch.batch["responses"][1].tolist() == [6, PAD, PAD]
+    metrics, rows = hooks.inject_gold(batch, GCPOOptions(), [None, None, [1], [1]], reward_loop(1.0), PAD)
+    assert metrics["gold/injected_frac"] == 0.0 and rows == [] and batch.batch["responses"][1].tolist() == [6, PAD, PAD]
     batch = gold_batch()
-    metrics = hooks.inject_gold(batch, GCPOOptions(), [[1, 2, 3, 4, 5]] * 4, lambda row: 0.0, PAD)
+    hooks.object_extras(batch)
+    metrics, _ = hooks.inject_gold(batch, GCPOOptions(), [[1, 2, 3, 4, 5]] * 4, reward_loop(0.0), PAD)
     assert metrics["gold/truncated"] == 1.0 and batch.batch["responses"][1].tolist() == [1, 2, 3]
     assert batch.batch["rm_scores"][1].tolist() == [0.0, 0.0, 0.0]  # scored 0 (not assumed correct)
     batch = gold_batch()
-    assert hooks.inject_gold(batch, GCPOOptions(trigger="never"), [[1]] * 4, lambda row: 1.0, PAD)["gold/injected_frac"] == 0
+    assert hooks.inject_gold(batch, GCPOOptions(trigger="never"), [[1]] * 4, reward_loop(1.0), PAD)[0][
+        "gold/injected_frac"] == 0
 
 
 # ----------------------------------------------------------------------------- GPG threshold
@@ -203,6 +233,23 @@ def test_gpg_assembler_carries_leftovers_to_the_next_step_and_respects_the_bound
     rounds = iter([scored_batch([0] * 8, 2, uid_prefix=p) for p in ("s", "t")])
     out, metrics = asm.assemble(scored_batch([0] * 8, 2), rounds.__next__)
     assert metrics["gpg/resample_rounds"] == 2.0 and set(out.non_tensor_batch["uid"]) == {"t0", "t1", "t2", "t3"}
+
+
+def test_gpg_assembler_carries_groups_of_an_earlier_fit_batch_with_its_meta_info():
+    """Defect 3: a carried group keeps the meta_info of the fit batch it came from (select_idxs shares it);
+    DataProto.concat then refused it next to the next step's batch (another global_token_num)."""
+
+    def fit_batch(rewards, prefix, step):  # fit sets global_token_num on its batch before the hook runs
+        return scored_batch(rewards, 2, uid_prefix=prefix, meta_info={"global_token_num": [step] * len(rewards)})
+
+    asm = hooks.GPGGroupAssembler(GPGOptions(valid_threshold=0.75))
+    # step 1: one valid group; the extra round brings four, one more than fits -> carried
+    asm.assemble(fit_batch([1, 0, 0, 0, 0, 0, 0, 0], "a", 1), iter([scored_batch([1, 0] * 4, 2, uid_prefix="x")]).__next__)
+    # step 2: carried x3 plus four valid groups of this fit batch -> b3 is carried, with step 2's meta_info
+    asm.assemble(fit_batch([1, 0] * 4, "b", 2), lambda: pytest.fail("threshold already reached"))
+    assert sorted(set(asm.carry.non_tensor_batch["uid"])) == ["b3"]
+    out, metrics = asm.assemble(fit_batch([1, 0] * 4, "c", 3), lambda: pytest.fail("threshold already reached"))
+    assert [u for u, _ in rows_of(out)][::2] == ["b3", "c0", "c1", "c2"] and metrics["gpg/carried_frac"] == 0.25
 
 
 def test_replace_in_place_writes_into_the_existing_storage():

@@ -108,3 +108,39 @@ def test_guidance_weights_reach_the_actor_update():
     adv = batch.batch["advantages"]
     assert torch.all(adv[2:] == 0) and not torch.allclose(adv[0], adv[0, :1].expand(3))  # token-varying weights
     assert adv[0].mean() == pytest.approx(1.0, rel=1e-5)  # weights have mean 1 per sequence and A_i = 1 here
+
+
+def test_gpg_extra_rounds_stop_with_a_clear_error_when_no_full_batch_exists():
+    """Defect 9: a training set without one full generation batch made _generate_round retry itself forever."""
+    from types import SimpleNamespace
+
+    trainer = make_trainer("gpg")
+    trainer.train_dataset = [{"row": 0}]  # one prompt, batches of 4
+    trainer.train_dataloader = SimpleNamespace(batch_size=4, collate_fn=lambda rows: rows)
+    trainer._resample_loader = trainer._resample_iter = None
+    with pytest.raises(ValueError, match="no full generation batch"):
+        trainer._generate_round()
+
+
+def test_settings_reject_guidance_with_router_replay_r3_and_row_rewrites_without_balancing():
+    """Defect 8 (router replay): guidance's negative-context rows have no rollout routing to replay."""
+    from omegaconf import OmegaConf
+
+    from grouprl_verl.trainer import grouprl_settings
+
+    def config(algo, **actor):
+        with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base=None):
+            composed = compose(config_name=f"grouprl_{algo}", overrides=[MICRO_BATCH])
+        OmegaConf.set_struct(composed, False)
+        composed.actor_rollout_ref.actor.merge_with(actor)
+        return composed
+
+    assert grouprl_settings(config("guidance"))[0] == "guidance"
+    r3 = config("guidance", strategy="megatron", megatron={"router_replay": {"mode": "R3"}})
+    with pytest.raises(ValueError, match=r"actor_rollout_ref.actor.megatron.router_replay.mode=R3"):
+        grouprl_settings(r3)
+    assert grouprl_settings(config("guidance", strategy="megatron", megatron={"router_replay": {"mode": "R2"}}))
+    unbalanced = config("gcpo")
+    unbalanced.trainer.balance_batch = False
+    with pytest.raises(ValueError, match="trainer.balance_batch=false"):
+        grouprl_settings(unbalanced)
