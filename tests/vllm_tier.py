@@ -20,6 +20,9 @@ import torch
 # 1 GiB of KV cache is plenty for the tiny model (vLLM-CPU's default is 4 GiB per engine).
 os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
 os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
+# The engine in the test process, as TRL's colocate mode runs it: no engine-core and worker processes
+# to start (each re-imports torch and vLLM) for `grouprl eval`'s offline engine.
+os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
 
 HIDDEN = 128  # 4 heads -> head_dim 32, which vLLM's CPU attention accepts
 
