@@ -87,13 +87,25 @@ def gpg_run(tiny_model_dir, tmp_path_factory):
     _release(run)
 
 
-@pytest.fixture(scope="module")
-def gcpo_run(tiny_model_dir, tmp_path_factory):
+def _gcpo(tiny_model_dir, out, placement):
     from grouprl_trl import GCPOConfig, GCPOTrainer
     from grouprl_trl.tiny import toy_reward
 
-    run = _train(GCPOTrainer, GCPOConfig, tiny_model_dir, tmp_path_factory.mktemp("gcpo"), toy_reward,
-                 gold_template="{solution}")
+    # toy_reward: a random model is almost always wrong, so most groups get their gold answer
+    return _train(GCPOTrainer, GCPOConfig, tiny_model_dir, out, toy_reward, gold_template="{solution}",
+                  gold_placement=placement)
+
+
+@pytest.fixture(scope="module")
+def gcpo_replace_run(tiny_model_dir, tmp_path_factory):
+    run = _gcpo(tiny_model_dir, tmp_path_factory.mktemp("gcpo_replace"), "replace")
+    yield run
+    _release(run)
+
+
+@pytest.fixture(scope="module")
+def gcpo_append_run(tiny_model_dir, tmp_path_factory):
+    run = _gcpo(tiny_model_dir, tmp_path_factory.mktemp("gcpo_append"), "append")
     yield run
     _release(run)
 
@@ -132,7 +144,7 @@ def _trained(records):
 
 
 # ----------------------------------------------------------------------------- all four trainers
-@pytest.mark.parametrize("run_name", ["gpg_run", "gcpo_run", "copo_run", "guidance_run"])
+@pytest.mark.parametrize("run_name", ["gpg_run", "gcpo_replace_run", "gcpo_append_run", "copo_run", "guidance_run"])
 def test_vllm_sampling_logprobs_give_the_importance_ratio(run_name, request):
     """Every step logs TRL's IS-ratio metrics, and the ratio each loss call multiplies in is
     exp(sum_t(log pi_theta - log pi_vLLM)) from the vLLM sampling log-probs (sequence_mask)."""
@@ -211,7 +223,9 @@ def _gold_rows(rec, tokenizer):
     return rows
 
 
-def test_gcpo_gold_rows_next_to_vllm_rows_get_ratio_one_and_reach_the_loss(gcpo_run):
+@pytest.mark.parametrize("run_name", ["gcpo_replace_run", "gcpo_append_run"])
+def test_gcpo_gold_rows_next_to_vllm_rows_get_ratio_one_and_reach_the_loss(run_name, request):
+    gcpo_run = request.getfixturevalue(run_name)
     trainer = gcpo_run["trainer"]
     tokenizer = trainer.processing_class
     injected = logged(trainer, "gold/injected_frac")
