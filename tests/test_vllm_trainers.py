@@ -143,6 +143,17 @@ def _trained(records):
     return [r for r in records if not bool(r.get("gpg_skip", False)) and not bool(r.get("guidance_skip", False))]
 
 
+def test_check_vllm_support_accepts_the_installed_vllm(tiny_model_dir):
+    from packaging.version import Version
+    from trl import GRPOConfig
+
+    from grouprl_trl.vllm_support import accepted_vllm_range, check_vllm_support, installed_vllm_version
+
+    low, high = accepted_vllm_range()
+    assert Version(low) <= Version(Version(installed_vllm_version()).base_version) <= Version(high)
+    check_vllm_support(GRPOConfig(**vllm_args("unused")))
+
+
 # ----------------------------------------------------------------------------- all four trainers
 @pytest.mark.parametrize("run_name", ["gpg_run", "gcpo_replace_run", "gcpo_append_run", "copo_run", "guidance_run"])
 def test_vllm_sampling_logprobs_give_the_importance_ratio(run_name, request):
