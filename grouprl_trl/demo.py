@@ -68,6 +68,7 @@ class RunResult:
     steps: int
     peak_rss_mb: float | None
     extra_rounds: list[float]  # GPG's threshold resampling: extra generation rounds per step
+    cpu_seconds: float = float("nan")  # process CPU time over the same timed steps (robust to a busy machine)
 
     def summary(self, window: int) -> dict:
         w = max(1, min(window, len(self.rewards)))
@@ -76,6 +77,7 @@ class RunResult:
             "reward_start": sum(self.rewards[:w]) / w,
             "reward_end": sum(self.rewards[-w:]) / w,
             "steps_per_s": self.steps / self.seconds if self.seconds > 0 else float("nan"),
+            "cpu_s_per_step": self.cpu_seconds / self.steps if self.steps > 0 else float("nan"),
             "peak_rss_mb": self.peak_rss_mb,
             "extra_rounds_per_step": sum(self.extra_rounds) / len(self.extra_rounds) if self.extra_rounds else 0.0,
             "steps_to_half": steps_to_reach(self.rewards, 0.5, smooth=10),
@@ -160,6 +162,7 @@ def run_algorithm(algo: str, steps: int, seed: int, out_dir: Path, lr: float, sh
     rewards: list[float] = []
     extra_rounds: list[float] = []
     step_ends: list[float] = []  # wall clock at the end of each optimizer step
+    cpu_ends: list[float] = []  # process CPU time (all threads) at the same moments
     bar = tqdm(total=steps, desc=f"{LABELS[algo]:>14}", disable=not show_progress, leave=True)
 
     class ProgressCallback(TrainerCallback):
@@ -174,6 +177,7 @@ def run_algorithm(algo: str, steps: int, seed: int, out_dir: Path, lr: float, sh
 
         def on_step_end(self, args, state, control, **kwargs):
             step_ends.append(time.perf_counter())
+            cpu_ends.append(time.process_time())
 
     from transformers.trainer_callback import PrinterCallback
 
@@ -194,7 +198,9 @@ def run_algorithm(algo: str, steps: int, seed: int, out_dir: Path, lr: float, sh
     warmup = min(5, max(0, len(step_ends) - 2))
     timed_steps = len(step_ends) - 1 - warmup
     seconds = step_ends[-1] - step_ends[warmup] if timed_steps > 0 else 0.0
-    return RunResult(algo, rewards, seconds, timed_steps, rss_mb("VmHWM") if measured else None, extra_rounds)
+    cpu_seconds = cpu_ends[-1] - cpu_ends[warmup] if timed_steps > 0 else float("nan")
+    return RunResult(algo, rewards, seconds, timed_steps, rss_mb("VmHWM") if measured else None, extra_rounds,
+                     cpu_seconds)
 
 
 def plot_curves(results: list[RunResult], path: Path, smooth: int = 10) -> None:

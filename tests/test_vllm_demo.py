@@ -31,4 +31,5 @@ def test_demo_vllm_switch_generates_with_vllm(tmp_path, monkeypatch):
     assert payload["config"]["vllm"] is True and payload["config"]["hidden_size"] == 128
     assert len(payload["curves"]["gcpo_gold"]) == steps
     assert math.isfinite(rows[0]["steps_per_s"]) and rows[0]["steps_per_s"] > 0
+    assert math.isfinite(rows[0]["cpu_s_per_step"]) and rows[0]["cpu_s_per_step"] > 0
     assert (tmp_path / "gcpo_gold" / "model" / "config.json").is_file()  # what vLLM loaded
