@@ -36,6 +36,7 @@ from ._compat import (
     policy_forward,
 )
 from .rewards import check_reward_matrix, note_failing_reward_function
+from .vllm_support import check_vllm_support
 
 LOGGED_ROWS = "grouprl_logged_rows"  # batch key: this process's completions-table rows, until they are logged
 UNLOGGED_ROW = {"prompt": None, "completion": None, "rewards": {}, "extra": {}}
@@ -87,6 +88,7 @@ class GroupRLTrainer(TRLHooks):
 
     def __init__(self, model, reward_funcs=None, args=None, **kwargs):
         args = self.resolve_args(model, args)
+        check_vllm_support(args)  # before GRPOTrainer.__init__, which builds the vLLM engine
         super().__init__(model, reward_funcs, args=args, **kwargs)
         self._last_rewards_per_func: torch.Tensor | None = None  # gathered (N, F) of the last scoring
         self.init_algorithm()

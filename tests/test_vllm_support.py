@@ -72,3 +72,20 @@ def test_vllm_outside_trls_range_is_refused(monkeypatch):
         _fake_vllm(monkeypatch, good)
         check_vllm_support(SimpleNamespace(use_vllm=True))
 
+
+
+@pytest.mark.parametrize("trainer_name", ["GPGTrainer", "GCPOTrainer", "COPOTrainer", "GuidanceGCPOTrainer"])
+def test_every_trainer_runs_the_check_before_trl_builds_vllm(monkeypatch, tmp_path, trainer_name):
+    """The shared base calls check_vllm_support before GRPOTrainer.__init__ (which would start vLLM)."""
+    import grouprl_trl
+    from grouprl_trl.tiny import build_tiny_model, build_tokenizer, build_toy_dataset, toy_reward
+
+    _fake_vllm(monkeypatch, None)
+    trainer_cls = getattr(grouprl_trl, trainer_name)
+    config_cls = trainer_cls.config_class
+    tok = build_tokenizer()
+    args = config_cls(output_dir=str(tmp_path), use_vllm=True, vllm_mode="colocate", use_cpu=True, bf16=False,
+                      num_generations=2, per_device_train_batch_size=2, report_to=[])
+    with pytest.raises(ImportError, match=r"needs the package vllm .*accepts vllm .* to .*pip install"):
+        trainer_cls(model=build_tiny_model(tok), reward_funcs=toy_reward, args=args,
+                    train_dataset=build_toy_dataset(num_rows=8), processing_class=tok)
