@@ -94,6 +94,16 @@ def test_credit_map_of_the_logged_step_shows_whole_groups(tmp_path):
     assert page.count("A = +") >= 6 and page.count("A = -") >= 6
 
 
+def test_the_docs_picture_comes_from_a_training_run(tmp_path):
+    """``python -m grouprl_trl.credit_map --train DIR`` (docs/credit_map.png) trains and writes the page of its
+    last step."""
+    from grouprl_trl.credit_map import main
+
+    assert main(["--train", str(tmp_path), "--step", "2"]) == 0
+    assert sorted(p.name for p in (tmp_path / "credit_maps").iterdir()) == ["step_000002.html"]
+    assert "&middot; step 2</h1>" in (tmp_path / "credit_maps" / "step_000002.html").read_text()
+
+
 def test_all_groups_filtered_skips_the_optimizer_step(tmp_path):
     # all rewards 0 -> every group is dropped -> no update, even with weight decay and an entropy penalty
     trainer = _trainer(tmp_path, reward=zero_reward, max_steps=2, weight_decay=0.1, entropy_penalty_coef=0.5)

@@ -1,7 +1,7 @@
 """GCPO-gold reliability: empty and over-long reference solutions, a missing reference column.
 
 Written against the GCPOTrainer / GCPOConfig API (fields ``reference_column``, ``gold_template``;
-metrics ``gold/injected_frac``, ``gold/reward_mean`` from SPEC.md). The reward only pays for a
+metrics ``gold/injected_frac``, ``gold/reward_mean``, docs/metrics.md). The reward only pays for a
 completion starting with "777", which a fresh model (42-token vocabulary, 3 tokens) practically
 never samples, so every group is all-wrong and asks for gold.
 """
