@@ -93,3 +93,51 @@ def test_relative_links_point_at_files_and_headings_that_exist(page):
             headings = re.findall(r"^#+ (.+)$", path.read_text(), re.M)
             slugs = {re.sub(r"[^a-z0-9 -]", "", h.lower()).strip().replace(" ", "-") for h in headings}
             assert anchor in slugs, f"{page}: link to {target}: no heading #{anchor} in {file_part or page}"
+
+
+# ----------------------------------------------------------------------------- README: Fidelity
+def _fidelity_section() -> str:
+    text = (REPO / "README.md").read_text()
+    assert "\n## Fidelity\n" in text, "README.md has no Fidelity section"
+    return text.split("\n## Fidelity\n", 1)[1].split("\n## ", 1)[0]
+
+
+def test_fidelity_covers_each_algorithm_and_the_known_differences():
+    section = _fidelity_section()
+    headings = re.findall(r"^### (.+)$", section, re.M)
+    for algorithm in ("GPG", "GCPO-gold", "COPO", "GCPO-guidance"):
+        assert any(h.startswith(algorithm + " (") for h in headings), algorithm
+    assert any("to be completed" in h for h in headings if h.startswith("GPG"))  # filled in from the GPG branch
+    guidance = section.split("### GCPO-guidance", 1)[1].split("\n### ", 1)[0]
+    for topic in ("Tie order", "Weights on verl", "Dynamic filter", "Negative prompt", "epsilon"):
+        assert topic in guidance, topic
+    assert "No official code is published" in section.split("### GCPO-gold", 1)[1]
+    assert "Answer extraction" in section.split("### COPO", 1)[1]
+    for topic in ("Loss normalisation", "Threshold across processes", "Carry-over"):
+        assert topic in section.split("### GPG", 1)[1].split("\n### ", 1)[0], topic
+
+
+def test_the_switches_the_fidelity_section_names_exist():
+    """Every switch written as `field` or `field: value` is a field of a grouprl or TRL config (verl keys
+    and the data CLI flag checked by name); switches marked "(being added)" come from another branch."""
+    from grouprl_trl import COPOConfig, GCPOConfig, GPGConfig, GuidanceGCPOConfig
+
+    fields = set()
+    for cls in (COPOConfig, GCPOConfig, GPGConfig, GuidanceGCPOConfig):
+        fields |= set(cls.__dataclass_fields__)
+    found = 0
+    for clause in re.findall(r"Switch(?:es)?( \(being added\))?: ([^\n]+(?:\n  [^\n]+)*)", _fidelity_section()):
+        if clause[0]:
+            continue
+        for token in re.findall(r"`([^`]+)`", clause[1]):
+            name = re.split(r"[:=]", token)[0].strip()
+            if name.startswith(("algorithm.", "actor_rollout_ref.")):
+                assert name.split(".")[0] in ("algorithm", "actor_rollout_ref")
+            elif name.startswith("--"):
+                from grouprl.data import build_parser
+
+                assert name in build_parser()._subparsers._group_actions[0].choices["prepare"]._option_string_actions
+            else:
+                assert name in fields, f"Fidelity names the switch {token!r}, which is no config field"
+            found += 1
+    assert found >= 8
