@@ -3,8 +3,9 @@
 
 Paper: Wu & Liu, "Group Contrastive Policy Optimization: When Contrast Fails, Go Gold"
 (arXiv 2510.07790). No official code is public: this implements our reading of the paper, written
-down in ``docs/algorithms.md`` (GCPO-gold) as a proposal. The planning math lives in :mod:`grouprl_core.gold`, the advantage in
-:mod:`grouprl_core.grpo`; this module moves TRL's lists and tensors in and out.
+down in ``docs/algorithms.md`` (GCPO-gold) as a proposal. The planning math lives in
+:mod:`grouprl_core.gold`, the advantage in :mod:`grouprl_core.grpo`; this module moves TRL's lists
+and tensors in and out.
 
 What changes compared with GRPO (training only; evaluation rollouts are left as sampled):
 

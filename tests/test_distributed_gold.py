@@ -114,7 +114,8 @@ def _train_append(out_dir: str, per_device_rows: int, capture: list | None = Non
     tok = build_tokenizer()
     args = GCPOConfig(
         output_dir=out_dir, use_cpu=True, report_to="none", bf16=False, gradient_checkpointing=False,
-        per_device_train_batch_size=per_device_rows, num_generations=GROUP, max_completion_length=4, max_steps=max_steps,
+        per_device_train_batch_size=per_device_rows, num_generations=GROUP, max_completion_length=4,
+        max_steps=max_steps,
         logging_steps=1, save_strategy="no", seed=0, disable_tqdm=True, optim="sgd", learning_rate=0.5,
         max_grad_norm=0.0, shuffle_dataset=False, gold_placement="append", gold_template="zq{solution}",
         importance_sampling_level="token", epsilon=0.2,

@@ -33,7 +33,8 @@ def logged_metric_names() -> set[str]:
 
 
 def test_every_logged_metric_is_documented():
-    documented = set(re.findall(r"`((?:gpg|gold|copo|guidance|grouprl)/[a-z_]+)`", (REPO / "docs/metrics.md").read_text()))
+    text = (REPO / "docs/metrics.md").read_text()
+    documented = set(re.findall(r"`((?:gpg|gold|copo|guidance|grouprl)/[a-z_]+)`", text))
     names = logged_metric_names()
     assert {"gpg/alpha", "gold/below_threshold_frac", "copo/gate_mean", "guidance/skipped_step"} <= names
     missing = sorted(names - documented)

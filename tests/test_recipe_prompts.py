@@ -33,7 +33,8 @@ def test_gcpo_guidance_template_is_the_question_then_the_official_format_sentenc
     from grouprl_core.guidance import build_negative_prompt
 
     negative = build_negative_prompt(out[0]["prompt"])
-    assert negative[-1]["content"] == "What is 2+3?\n\n" + FORMAT + "\n\nNote: Intentionally generate an incorrect answer."
+    note = "\n\nNote: Intentionally generate an incorrect answer."
+    assert negative[-1]["content"] == "What is 2+3?\n\n" + FORMAT + note
 
 
 def test_raw_prompt_passes_the_user_text_without_a_chat_template():
