@@ -56,8 +56,8 @@ from grouprl import data as data_mod
 
 BENCHMARKS = ("aime24", "math500", "amc23", "minerva", "olympiadbench")
 
-#: Zero-shot pass@1 (%) from the GPG README (RESEARCH.md a.4): lighteval for the 1.5B models,
-#: the 7B table as reported there (★ rows taken by GPG from Dr.GRPO; † = reproduced by GPG).
+#: Zero-shot pass@1 (%) from the GPG README (docs/recipes.md, tag GPG-README): lighteval for the 1.5B
+#: models, the 7B table as reported there (★ rows taken by GPG from Dr.GRPO; † = reproduced by GPG).
 PAPER_RESULTS: dict[str, dict[str, float]] = {
     "DeepSeek-R1-Distill-Qwen-1.5B": dict(aime24=28.8, math500=82.8, amc23=62.9, minerva=26.5, olympiadbench=43.3,
                                           average=48.9),
