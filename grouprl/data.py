@@ -10,6 +10,8 @@ Usage::
 loaded with ``datasets.load_dataset``; ``--source`` takes another hub id, a local ``.jsonl`` /
 ``.json`` / ``.parquet`` file (one split: ``train`` for training sets, ``test`` for benchmarks) or a
 directory holding ``train.*`` / ``test.*`` files. Local files must have the hub dataset's columns.
+``--source sample`` reads the few rows of each dataset shipped with grouprl (``grouprl/sample_data``,
+in the hub datasets' columns): enough to try ``data prepare``, ``train`` and ``eval`` offline.
 
 Output in ``DIR``:
 
@@ -45,6 +47,8 @@ from pathlib import Path
 from typing import Any, Callable
 
 from grouprl.rewards import last_boxed_content
+
+PREPARE_RECORD = "grouprl_prepare.json"  # written into every prepared folder: dataset name and template
 
 # ----------------------------------------------------------------------------- prompt templates
 #: open-rs ``recipes/grpo.yaml`` / GPG ``recipes/gpg.yaml`` system prompt, verbatim (the doubled
@@ -241,6 +245,16 @@ def get_source(name: str) -> Source:
 
 # ----------------------------------------------------------------------------- loading
 _LOCAL_SUFFIXES = (".jsonl", ".json", ".parquet")
+SAMPLE = "sample"  # --source value: the rows shipped in SAMPLE_DIR
+SAMPLE_DIR = Path(__file__).resolve().parent / "sample_data"
+
+
+def sample_path(name: str) -> Path:
+    """The shipped sample of dataset ``name``: ``NAME.jsonl`` or a ``NAME/`` folder of split files."""
+    for path in (SAMPLE_DIR / name, SAMPLE_DIR / f"{name}.jsonl"):
+        if path.exists():
+            return path
+    raise SystemExit(f"--source sample: no sample of {name!r} in {SAMPLE_DIR}")
 
 
 def _read_local_file(path: Path) -> list[dict]:
@@ -256,6 +270,8 @@ def _read_local_file(path: Path) -> list[dict]:
 
 def _read_source_rows(source: Source, location: str | None) -> dict[str, list[dict]]:
     """Raw rows per split, from the hub (default or ``location`` as a hub id) or local files."""
+    if location == SAMPLE:
+        location = str(sample_path(source.name))
     path = Path(location) if location else None
     if path is not None and path.is_file():
         if path.suffix not in _LOCAL_SUFFIXES:
@@ -398,6 +414,8 @@ def prepare(name: str, out: str | Path, source: str | None = None, limit: int | 
     if fmt in ("verl", "both"):
         for path in write_verl(spec, records, out):
             print(f"[grouprl data] wrote verl parquet {path}", file=sys.stderr)
+    # what the prompts were built with, read back by `grouprl eval` for its results record
+    (out / PREPARE_RECORD).write_text(json.dumps({"name": spec.name, "template": template or spec.template}) + "\n")
     return {split: len(recs) for split, recs in records.items()}
 
 
@@ -409,9 +427,11 @@ def build_parser() -> argparse.ArgumentParser:
     prep = sub.add_parser("prepare", help="download/convert one dataset")
     prep.add_argument("name", help="dataset name (see `grouprl data list`)")
     prep.add_argument("--out", required=True, help="output folder")
-    prep.add_argument("--source", help="hub id or local .jsonl/.json/.parquet file or folder (default: the hub id)")
+    prep.add_argument("--source", help="hub id, local .jsonl/.json/.parquet file or folder, or 'sample' (the few "
+                                       "rows shipped with grouprl, offline) (default: the dataset's hub id)")
     prep.add_argument("--limit", type=int, help="keep the first N rows of each split")
-    prep.add_argument("--format", dest="fmt", default="both", choices=["trl", "verl", "both"])
+    prep.add_argument("--format", dest="fmt", default="both", choices=["trl", "verl", "both"],
+                      help="trl: a datasets save_to_disk folder; verl: train/test parquet; both (default: %(default)s)")
     prep.add_argument("--template", choices=sorted(TEMPLATES), help="prompt template (default: the paper's)")
     prep.add_argument("--no-dedup", dest="dedup", action="store_false", default=None,
                       help="keep repeated prompts (DAPO-Math-17k is de-duplicated by default)")

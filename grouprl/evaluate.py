@@ -252,9 +252,11 @@ def _template_used(names: list[str], data_dir: str | None, template: str | None)
         return template
     used = set()
     for name in names:
-        prepared = Path(data_dir) / name if data_dir else None
-        if prepared is not None and (prepared / "dataset_dict.json").is_file():
-            used.add(f"as prepared in {prepared}")
+        record = Path(data_dir) / name / data_mod.PREPARE_RECORD if data_dir else None
+        if record is not None and record.is_file():
+            used.add(json.loads(record.read_text())["template"])
+        elif data_dir and (Path(data_dir) / name / "dataset_dict.json").is_file():
+            used.add(f"as prepared in {Path(data_dir) / name}")  # prepared before the record existed
         else:
             used.add(data_mod.get_source(name).template)
     return ", ".join(sorted(used))

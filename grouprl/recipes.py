@@ -18,6 +18,7 @@ This module imports neither torch nor trl (the CLI must start fast).
 from __future__ import annotations
 
 import copy
+import difflib
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -58,6 +59,31 @@ VERL_ALGORITHMS = {
     # the baseline runs on verl's own entry point and config
     "grpo": VerlAlgorithm("verl.trainer.main_ppo", "ppo_trainer", "grpo", "vanilla", None),
 }
+
+
+#: Algorithm names as the papers write them: by TRL trainer class, and by verl recipe ``algorithm``.
+TRAINER_ALGORITHMS = {
+    "GPGTrainer": "GPG",
+    "GCPOTrainer": "GCPO-gold",
+    "COPOTrainer": "COPO",
+    "GuidanceGCPOTrainer": "GCPO-guidance",
+    "GRPOTrainer": "GRPO (TRL baseline)",
+}
+VERL_ALGORITHM_NAMES = {
+    "gpg": "GPG",
+    "gcpo_gold": "GCPO-gold",
+    "copo": "COPO",
+    "guidance": "GCPO-guidance",
+    "grpo": "GRPO (verl baseline)",
+}
+
+
+def algorithm_name(recipe: dict) -> str:
+    """``GPG``, ``GCPO-gold``, ... for a resolved recipe (the trainer class name when unknown)."""
+    if recipe["backend"] == "verl":
+        return VERL_ALGORITHM_NAMES.get(recipe.get("algorithm"), str(recipe.get("algorithm")))
+    cls = str(recipe.get("trainer", "")).rpartition(".")[2]
+    return TRAINER_ALGORITHMS.get(cls, cls)
 
 
 class RecipeError(ValueError):
@@ -108,9 +134,17 @@ def find_recipe(name_or_path: str | Path, relative_to: Path | None = None) -> Pa
     bundled = recipe_paths(include_bases=True)
     if str(name_or_path) in bundled:
         return bundled[str(name_or_path)]
+    listed = [name for name in bundled if not name.startswith("_")]
     raise RecipeError(
-        f"recipe {str(name_or_path)!r} not found: give a bundled name (see `grouprl list`) or a path to a YAML file"
+        f"recipe {str(name_or_path)!r} not found{did_you_mean(str(name_or_path), listed)}: give a bundled name "
+        "(see `grouprl list`) or a path to a YAML file"
     )
+
+
+def did_you_mean(word: str, choices) -> str:
+    """``"; did you mean 'x'?"`` for the closest of ``choices``, or "" when none is close."""
+    close = difflib.get_close_matches(word, list(choices), n=1, cutoff=0.6)
+    return f"; did you mean {close[0]!r}?" if close else ""
 
 
 # ----------------------------------------------------------------------------- loading and merging
@@ -184,7 +218,10 @@ def apply_overrides(recipe: dict, overrides: list[str]) -> dict:
         key, sep, text = item.partition("=")
         if not sep or not key:
             raise RecipeError(f"override {item!r} is not of the form key=value")
-        value = parse_override_value(text)
+        try:
+            value = parse_override_value(text)
+        except yaml.YAMLError as err:
+            raise RecipeError(f"override {item!r}: the value is not valid YAML ({getattr(err, 'problem', err)})") from err
         parts = key.split(".")
         if recipe["backend"] == "verl" and parts[0] not in recipe and parts[0] not in VERL_SECTION_PREFIX:
             recipe.setdefault("overrides", {})[key] = value
@@ -216,8 +253,11 @@ def check_launcher_fields(recipe: dict) -> None:
         processes = recipe.get("num_processes", 1)
         if not isinstance(processes, int) or processes < 1:
             raise RecipeError(f"recipe {name}: num_processes must be an integer >= 1, got {processes!r}")
-        if processes > 1 and not recipe.get("accelerate_config"):
-            raise RecipeError(f"recipe {name}: num_processes={processes} needs accelerate_config (e.g. zero2)")
+        if processes > 1 and not recipe.get("accelerate_config") and recipe.get("use_cpu") is not True:
+            raise RecipeError(
+                f"recipe {name}: num_processes={processes} needs accelerate_config (e.g. zero2), or use_cpu=true "
+                "for CPU processes"
+            )
     else:
         algorithm = recipe.get("algorithm")
         if algorithm not in VERL_ALGORITHMS:
@@ -296,6 +336,12 @@ def build_command(recipe: dict, resolved_path: Path) -> list[str]:
     processes = int(recipe.get("num_processes", 1))
     if processes == 1 and not recipe.get("accelerate_config"):
         return [sys.executable, *script]
+    if not recipe.get("accelerate_config"):
+        # CPU processes (use_cpu: true, checked above). accelerate launch starts several CPU processes on
+        # one machine only through mpirun; torchrun starts them directly, and accelerate's PartialState
+        # then runs them as MULTI_CPU with the gloo backend (WORLD_SIZE > 1, use_cpu).
+        return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(processes),
+                *script]
     return [
         sys.executable, "-m", "accelerate.commands.launch",
         "--config_file", str(accelerate_config_path(recipe["accelerate_config"])),

@@ -3,23 +3,33 @@
 Mirrors ``trl/scripts/grpo.py`` (TRL 1.16): one flat YAML parsed by ``TrlParser`` into
 ``(RecipeArguments, <trainer config class>, ModelConfig)``; then model, tokenizer, dataset and reward
 functions are built and the trainer trains and saves. ``grouprl train`` calls this module (through
-``accelerate launch`` for multi-process recipes); it can also be launched by hand.
+``accelerate launch`` for multi-process recipes, ``torchrun`` for several CPU processes); it can also
+be launched by hand. ``resume_from_checkpoint`` (a checkpoint folder, or ``last`` for the newest
+``checkpoint-N`` in ``output_dir``) continues a run; a few lines saying what runs are printed before
+TRL starts.
 """
 
 from __future__ import annotations
 
+import contextlib
 import importlib
+import json
 import logging
+import os
 import sys
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 import yaml
+
+from grouprl.extras import missing_module_message
+from grouprl.recipes import algorithm_name
 
 logger = logging.getLogger("grouprl.train_trl")
 
 TINY_MODEL = "tiny"  # model_name_or_path value for the embedded tiny model (grouprl_trl.tiny)
 TOY_DATASET = "toy"  # dataset_path value for the embedded toy task
+RESUME_LAST = "last"  # resume_from_checkpoint value: the newest checkpoint-N folder in output_dir
 
 
 @dataclass
@@ -36,6 +46,9 @@ class RecipeArguments:
     recipe_name: str | None = field(default=None, metadata={"help": "Set by the launcher: the recipe's name."})
     description: str = field(default="", metadata={"help": "One line for `grouprl list`."})
     hardware: str = field(default="", metadata={"help": "What the recipe needs to run as written."})
+    gpu_memory_gb: float | None = field(
+        default=None, metadata={"help": "Memory per GPU (GB) the recipe is sized for; `grouprl train` checks it."}
+    )
     accelerate_config: str | None = field(default=None, metadata={"help": "Bundled name (zero2, zero3) or a path."})
     num_processes: int = field(default=1, metadata={"help": "Processes (GPUs) for accelerate launch."})
     dataset_prepare: str | None = field(
@@ -207,13 +220,118 @@ def build_trainer(recipe_args, training_args, model_args):
     )
 
 
+# ----------------------------------------------------------------------------- resume
+def resolve_resume(value, output_dir: str) -> str | None:
+    """The checkpoint folder that ``resume_from_checkpoint`` names (None: start from scratch).
+
+    ``last`` is the newest ``checkpoint-N`` folder in ``output_dir`` (transformers'
+    ``get_last_checkpoint``); anything else must be a checkpoint folder. A name that finds nothing is
+    an error, never a silent fresh start.
+    """
+    if value in (None, ""):
+        return None
+    if value == RESUME_LAST:
+        from transformers.trainer_utils import get_last_checkpoint
+
+        last = get_last_checkpoint(output_dir) if Path(output_dir).is_dir() else None
+        if last is None:
+            raise FileNotFoundError(
+                f"resume_from_checkpoint=last: output_dir {output_dir} holds no checkpoint-N folder "
+                "(checkpoints are written when save_strategy is 'steps' or 'epoch')"
+            )
+        return last
+    path = Path(str(value))
+    if not path.is_dir():
+        raise FileNotFoundError(f"resume_from_checkpoint={value}: no such folder")
+    if not (path / "trainer_state.json").is_file():
+        raise FileNotFoundError(
+            f"resume_from_checkpoint={value}: not a checkpoint folder (no trainer_state.json); give a "
+            f"checkpoint-N folder of an output_dir, or resume_from_checkpoint={RESUME_LAST}"
+        )
+    return str(path)
+
+
+def checkpoint_step(checkpoint: str) -> int:
+    """The optimizer step a checkpoint folder was written at (its ``trainer_state.json``)."""
+    return int(json.loads((Path(checkpoint) / "trainer_state.json").read_text())["global_step"])
+
+
+@contextlib.contextmanager
+def cpu_resume_compat(device):
+    """Resume a multi-process CPU run despite a transformers / torch mismatch.
+
+    transformers 5.10 ``Trainer._load_optimizer_and_scheduler`` loads the optimizer state with
+    ``map_location=self.args.device`` when ``world_size > 1``; in CPU processes (accelerate's
+    MULTI_CPU) that device is ``cpu:0``, which torch 2.13's ``torch.load`` refuses ("don't know how to
+    restore data location ... (tagged with cpu:0)"). While such a run resumes, a CPU ``map_location``
+    reaches ``torch.load`` as plain ``"cpu"`` (the same memory); any other call is unchanged.
+    """
+    import torch
+
+    if device.type != "cpu" or device.index is None:
+        yield
+        return
+    original = torch.load
+
+    def load(*args, **kwargs):
+        location = kwargs.get("map_location")
+        if isinstance(location, (str, torch.device)) and torch.device(location).type == "cpu":
+            kwargs["map_location"] = "cpu"
+        return original(*args, **kwargs)
+
+    torch.load = load
+    try:
+        yield
+    finally:
+        torch.load = original
+
+
+# ----------------------------------------------------------------------------- summary
+def describe(recipe_args: RecipeArguments, training_args, model_args, resume: str | None = None) -> str:
+    """A few lines saying what this run is, printed before TRL and transformers start logging."""
+    from trl import GRPOConfig
+
+    config_name = type(training_args).__name__
+    grpo_fields = {f.name for f in fields(GRPOConfig)}
+    own = [f.name for f in fields(training_args) if f.name not in grpo_fields and not f.name.startswith("_")]
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    lines = [
+        f"grouprl: {algorithm_name({'backend': 'trl', 'trainer': recipe_args.trainer})} with "
+        f"{recipe_args.trainer} / {config_name}, recipe {recipe_args.recipe_name or '(none)'}",
+        f"  model {model_args.model_name_or_path} | data {recipe_args.dataset_path} | output {training_args.output_dir}",
+        f"  {training_args.per_device_train_batch_size} completions per process x {world} processes x "
+        f"{training_args.gradient_accumulation_steps} accumulation steps, {training_args.num_generations} per prompt; "
+        f"lr {training_args.learning_rate}; max_steps {training_args.max_steps}; use_vllm {training_args.use_vllm}",
+        f"  loss_type {training_args.loss_type}, beta {training_args.beta}, epsilon {training_args.epsilon}"
+        f"/{training_args.epsilon_high}",
+    ]
+    if own:
+        lines.append(f"  {config_name}: " + ", ".join(f"{name}={getattr(training_args, name)!r}" for name in own))
+    if resume:
+        lines.append(f"  resuming from {resume} (step {checkpoint_step(resume)})")
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    try:
+        return _main(argv)
+    except ModuleNotFoundError as err:
+        message = missing_module_message(err, "grouprl.train_trl")
+        if message is None:
+            raise
+        raise SystemExit(message) from err
+
+
+def _main(argv: list[str]) -> int:
     recipe_args, training_args, model_args = parse(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
-    logger.info("recipe %s: %s on %s", recipe_args.recipe_name, recipe_args.trainer, model_args.model_name_or_path)
+    resume = resolve_resume(training_args.resume_from_checkpoint, training_args.output_dir)
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(describe(recipe_args, training_args, model_args, resume), flush=True)
     trainer = build_trainer(recipe_args, training_args, model_args)
-    trainer.train()
+    with cpu_resume_compat(training_args.device) if resume else contextlib.nullcontext():
+        trainer.train(resume_from_checkpoint=resume)
     trainer.save_model(training_args.output_dir)
     return 0
 

@@ -144,7 +144,7 @@ def gpg_advantages(
         centred = centred / (stats.std + eps)
     elif f_norm == "batch":
         centred = centred / (_batch_std(rewards, process_group) + eps)
-    centred = torch.where(stats.zero_variance, torch.zeros_like(centred), centred)
+    centred = centred.masked_fill(stats.zero_variance, 0.0)
     batch_alpha, b, m = global_age_alpha(stats.zero_variance, process_group)
     if alpha is None or b == m:
         alpha = batch_alpha

@@ -39,9 +39,10 @@ def _check(values: torch.Tensor, group_ids: torch.Tensor) -> int:
         raise ValueError("empty batch: no samples to compute group statistics on")
     if group_ids.dtype not in (torch.int32, torch.int64):
         raise TypeError(f"group_ids must be an integer tensor, got {group_ids.dtype}")
-    if group_ids.min() < 0:
+    lowest, highest = torch.aminmax(group_ids)  # one pass, one device sync
+    if lowest < 0:
         raise ValueError("group_ids must be non-negative")
-    return int(group_ids.max()) + 1
+    return int(highest) + 1
 
 
 @dataclass
@@ -64,11 +65,13 @@ def group_stats(values: torch.Tensor, group_ids: torch.Tensor, tol: float = ZERO
     num_groups = _check(values, group_ids)
     v = values.to(torch.float64)  # exact sums for the tests and for large batches
     gid = group_ids.long()
-    count = torch.zeros(num_groups, dtype=torch.float64, device=v.device).index_add_(0, gid, torch.ones_like(v))
+    # Per-group reductions, then one gather per per-sample field. index_select is used for the
+    # gathers: on CPU, advanced indexing (t[gid]) costs several times more for the same result.
+    count = torch.bincount(gid, minlength=num_groups).to(torch.float64)
     total = torch.zeros(num_groups, dtype=torch.float64, device=v.device).index_add_(0, gid, v)
     mean = total / count.clamp(min=1)
-    sq_dev = (v - mean[gid]) ** 2
-    ss = torch.zeros(num_groups, dtype=torch.float64, device=v.device).index_add_(0, gid, sq_dev)
+    dev = v - mean.index_select(0, gid)
+    ss = torch.zeros(num_groups, dtype=torch.float64, device=v.device).index_add_(0, gid, dev * dev)
     std = torch.where(count > 1, (ss / (count - 1).clamp(min=1)).sqrt(), torch.zeros_like(ss))
     gmax = torch.full((num_groups,), -torch.inf, dtype=torch.float64, device=v.device).scatter_reduce(
         0, gid, v, reduce="amax"
@@ -78,11 +81,12 @@ def group_stats(values: torch.Tensor, group_ids: torch.Tensor, tol: float = ZERO
     )
     zero_var = (gmax - gmin) <= tol
     dtype = values.dtype if values.is_floating_point() else torch.float32
+    # cast the per-group values, then gather: the same numbers as gathering first, on G instead of B elements
     return GroupStats(
-        mean=mean[gid].to(dtype),
-        std=std[gid].to(dtype),
-        count=count[gid].to(dtype),
-        zero_variance=zero_var[gid],
+        mean=mean.to(dtype).index_select(0, gid),
+        std=std.to(dtype).index_select(0, gid),
+        count=count.to(dtype).index_select(0, gid),
+        zero_variance=zero_var.index_select(0, gid),
     )
 
 

@@ -40,4 +40,4 @@ def grpo_advantages(
         adv = adv / (stats.std + eps)
     elif scale == "batch":
         adv = adv / (_batch_std(rewards, process_group) + eps)
-    return torch.where(stats.zero_variance, torch.zeros_like(adv), adv)
+    return adv.masked_fill(stats.zero_variance, 0.0)

@@ -1,6 +1,7 @@
 """The embedded default: a tiny causal LM, a tokenizer built locally, and a verifiable toy task.
 
-Nothing here downloads anything. The tokenizer is character level over a small alphabet
+``python -m grouprl_trl.tiny --save DIR`` writes the tiny model and its tokenizer to a folder (a model
+path for verl, ``grouprl eval`` or ``from_pretrained``). Nothing here downloads anything. The tokenizer is character level over a small alphabet
 (digits, lowercase letters, space and colon); every other character maps to ``<unk>``, so any
 prompt text (e.g. a guidance instruction) can still be tokenised.
 
@@ -14,6 +15,7 @@ groups start all-wrong: exactly the case GCPO-gold targets. Each row carries the
 
 from __future__ import annotations
 
+import argparse
 import random
 from pathlib import Path
 
@@ -120,3 +122,16 @@ def toy_reward(completions, solution, **kwargs) -> list[float]:
 def toy_gold_completion(solution: str) -> str:
     """How a reference solution is written as a completion for the toy task."""
     return str(solution)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m grouprl_trl.tiny",
+                                     description="Save the embedded tiny model and its tokenizer to a folder.")
+    parser.add_argument("--save", required=True, metavar="DIR", help="output folder (created)")
+    args = parser.parse_args(argv)
+    print(f"wrote the tiny model and tokenizer to {save_tiny_model(args.save)}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

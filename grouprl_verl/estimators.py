@@ -16,7 +16,10 @@ Each estimator records its metrics (``gpg/alpha``, ...) in :data:`LAST_METRICS`;
 
 from __future__ import annotations
 
+import ctypes
+
 import numpy as np
+import pandas as pd
 import torch
 from verl.trainer.ppo.core_algos import register_adv_est
 
@@ -38,11 +41,26 @@ def group_ids_from_index(index, batch_size: int, estimator: str) -> torch.Tensor
             f"{estimator}: no 'uid' in the batch's non_tensor_batch, so the groups are unknown. verl's trainers set "
             "batch.non_tensor_batch['uid'] per prompt before rollout.n repeats; a custom trainer must do the same."
         )
-    index = np.asarray(index, dtype=object)
+    index = np.ascontiguousarray(index, dtype=object)
     if index.shape != (batch_size,):
         raise ValueError(f"{estimator}: index has shape {index.shape}, expected ({batch_size},) (one uid per sample)")
-    _, inverse = np.unique(index.astype(str), return_inverse=True)
-    return torch.as_tensor(inverse.reshape(-1), dtype=torch.long)
+    # Hashing every uid string costs 0.4-1 s at 1M samples on CPU (each lookup reads a string object at a
+    # random address); sorting them (np.unique) more. verl's trainer repeats each prompt's uid object
+    # rollout.n times (np.repeat copies references) and balance_batch then reorders the samples. So group
+    # by object first, using the addresses the object array itself stores (read without touching the
+    # objects), then the few distinct objects by value (pandas' hash table): equal strings held by
+    # different objects still share a group, so the result is exact for any input; on verl's batches
+    # it is 3-7x faster than hashing the strings at 65k-1M samples (bench/advantage_scale.py).
+    addresses = np.ctypeslib.as_array((ctypes.c_ssize_t * batch_size).from_address(index.ctypes.data))
+    by_object, objects = pd.factorize(addresses)
+    one_sample_per_object = np.empty(len(objects), dtype=np.intp)
+    one_sample_per_object[by_object] = np.arange(batch_size)  # any sample holding the object will do
+    by_value, _ = pd.factorize(index[one_sample_per_object])
+    if (by_value < 0).any():
+        bad = np.flatnonzero(by_value[by_object] < 0)[:8].tolist()
+        raise ValueError(f"{estimator}: uid is missing (None/NaN) at sample index(es) {bad}; every sample needs its "
+                         "prompt's uid in non_tensor_batch['uid']")
+    return torch.from_numpy(by_value[by_object].astype(np.int64, copy=False))
 
 
 def sequence_rewards(token_level_rewards: torch.Tensor, response_mask: torch.Tensor, estimator: str) -> torch.Tensor:
@@ -56,7 +74,17 @@ def sequence_rewards(token_level_rewards: torch.Tensor, response_mask: torch.Ten
 
 
 def _broadcast(per_sample: torch.Tensor, response_mask: torch.Tensor) -> torch.Tensor:
-    return per_sample.to(torch.float32).unsqueeze(-1) * response_mask.to(torch.float32)
+    """(B, L) float32: each sample's value on its response tokens, 0 on padding.
+
+    verl's mask is the int64 attention mask (on the driver's CPU). There, converting it to float32
+    (a vectorised copy that is also the fresh output) and multiplying in place is about 2x faster
+    than one mixed-dtype multiply, whose int64 -> float cast runs element by element. A float32 mask,
+    or one on an accelerator, takes the single fused multiply.
+    """
+    values = per_sample.to(torch.float32).unsqueeze(-1)
+    if response_mask.dtype == torch.float32 or response_mask.device.type != "cpu":
+        return values * response_mask
+    return response_mask.to(torch.float32).mul_(values)
 
 
 @register_adv_est(GPG)

@@ -1,5 +1,6 @@
-"""The ``grouprl`` launcher: list, train --dry-run on every recipe, overrides and overlays, data/eval
-dispatch, no heavy imports, and one real ``grouprl train tiny_cpu_gpg`` run on CPU."""
+"""The ``grouprl`` launcher: list, train --dry-run on every recipe (with its preflight report),
+overrides and overlays, data/eval dispatch, no heavy imports, help texts, a closed pipe, and one real
+``grouprl train tiny_cpu_gpg`` run on CPU. The preflight's own checks: tests/test_preflight.py."""
 
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from grouprl import cli, recipes
+from grouprl import cli, preflight, recipes
 
 REPO = Path(__file__).resolve().parents[1]
 ALL_RECIPES = sorted(recipes.recipe_paths())
@@ -26,11 +27,19 @@ def _env():
     return env
 
 
+@pytest.fixture(autouse=True)
+def cpu_machine(monkeypatch):
+    """The preflight's GPU probe (a child process importing torch) replaced by this machine's answer."""
+    monkeypatch.setattr(preflight, "detect_machine", lambda: preflight.Machine(()))
+
+
 def _dry_run(capsys, *args):
-    assert cli.main(["train", *args, "--dry-run"]) == 0
+    """(resolved recipe, command, preflight report, exit code) of ``grouprl train ... --dry-run``."""
+    code = cli.main(["train", *args, "--dry-run"])
     out = capsys.readouterr().out
-    config_text, _, command = out.partition("# command\n")
-    return yaml.safe_load(config_text), shlex.split(command.strip())
+    config_text, _, rest = out.partition("# command\n")
+    command, _, report = rest.partition("# preflight\n")
+    return yaml.safe_load(config_text), shlex.split(command.strip()), report, code
 
 
 # ----------------------------------------------------------------------------- list
@@ -57,12 +66,21 @@ def test_cli_imports_no_torch_or_trl():
 
 # ----------------------------------------------------------------------------- train --dry-run
 @pytest.mark.parametrize("name", ALL_RECIPES)
-def test_dry_run_prints_resolved_recipe_and_command(name, capsys, tmp_path, monkeypatch):
+def test_dry_run_prints_resolved_recipe_command_and_preflight(name, capsys, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    printed, command = _dry_run(capsys, name)
+    printed, command, report, code = _dry_run(capsys, name)
     assert printed == recipes.resolve(name)
     assert not (tmp_path / "outputs").exists()  # a dry run writes nothing
     assert "base" not in printed
+    # the preflight report: one line per check, the exit code follows its verdict
+    topics = {line.split()[1] for line in report.splitlines()[1:-1]}
+    assert {"extras", "config", "data", "model", "hardware"} <= topics, report
+    assert code == (1 if "  FAIL  " in report else 0)
+    assert not any("FAIL  config" in line for line in report.splitlines()), report  # every bundled recipe is valid
+    if name.startswith("tiny_"):
+        assert code == 0 and report.strip().endswith("all checks passed"), report
+    else:  # this machine has no GPU: the gap is a report line, not a crash
+        assert "FAIL  hardware  needs 8 GPUs with >= 80 GB each; this machine has no GPU (CPU only)" in report
     if printed["backend"] == "trl":
         tail = ["-m", "grouprl.train_trl", "--config", str(Path(printed["output_dir"]) / "grouprl_recipe.yaml")]
         assert command[-len(tail):] == tail
@@ -80,12 +98,12 @@ def test_dry_run_prints_resolved_recipe_and_command(name, capsys, tmp_path, monk
 
 
 def test_dry_run_grpo_verl_baseline_uses_verl_entry_point(capsys):
-    _, command = _dry_run(capsys, "grpo_zero_math7b_verl")
+    _, command, _, _ = _dry_run(capsys, "grpo_zero_math7b_verl")
     assert command[1:4] == ["-m", "verl.trainer.main_ppo", "--config-name=ppo_trainer"]
 
 
 def test_overrides_reach_nested_keys_and_parse_numbers(capsys):
-    printed, _ = _dry_run(capsys, "gpg_rs1_1p5b", "learning_rate=2e-6", "lr_scheduler_kwargs.min_lr_rate=0.2",
+    printed, _, _, _ = _dry_run(capsys, "gpg_rs1_1p5b", "learning_rate=2e-6", "lr_scheduler_kwargs.min_lr_rate=0.2",
                           "reward_weights=[1, 3]", "num_processes=4", "log_completions=false")
     assert printed["learning_rate"] == 2e-6 and isinstance(printed["learning_rate"], float)
     assert printed["lr_scheduler_kwargs"] == {"min_lr_rate": 0.2}
@@ -94,7 +112,7 @@ def test_overrides_reach_nested_keys_and_parse_numbers(capsys):
 
 
 def test_verl_overrides_go_to_hydra_keys(capsys):
-    printed, command = _dry_run(capsys, "gpg_zero_math7b_verl", "data.train_batch_size=64",
+    printed, command, _, _ = _dry_run(capsys, "gpg_zero_math7b_verl", "data.train_batch_size=64",
                                 "grouprl_estimator.valid_threshold=0.5")
     assert printed["overrides"]["data.train_batch_size"] == 64
     assert "data.train_batch_size=64" in command and "data.train_batch_size=144" not in command
@@ -105,7 +123,7 @@ def test_recipe_file_with_base_path_and_overlay(tmp_path, capsys):
     """A user recipe outside the package: a relative ``base:`` path, then a bundled base by name."""
     (tmp_path / "mine.yaml").write_text("base: gpg_rs1_1p5b\nmax_steps: 7\ndescription: mine\n")
     (tmp_path / "mine2.yaml").write_text("base: mine.yaml\nseed: 3\n")
-    printed, _ = _dry_run(capsys, str(tmp_path / "mine2.yaml"))
+    printed, _, _, _ = _dry_run(capsys, str(tmp_path / "mine2.yaml"))
     assert printed["max_steps"] == 7 and printed["seed"] == 3 and printed["description"] == "mine"
     assert printed["gpg_preset"] == "open_rs_1p5b" and printed["recipe_name"] == "mine2"
 
@@ -124,6 +142,44 @@ def test_bad_recipes_give_clear_errors(tmp_path, capsys):
         recipes.resolve(tmp_path / "c.yaml")
     with pytest.raises(recipes.RecipeError, match="algorithm"):
         recipes.resolve("gpg_zero_math7b_verl", ["algorithm=ppo"])
+
+
+def test_unknown_recipe_suggests_the_closest_name(capsys):
+    assert cli.main(["train", "gpg_rs1_1p5", "--dry-run"]) == 2
+    assert "did you mean 'gpg_rs1_1p5b'?" in capsys.readouterr().err
+    assert cli.main(["train", "tiny_cpu_gpp"]) == 2
+    assert "did you mean 'tiny_cpu_gpg'?" in capsys.readouterr().err
+
+
+def test_bad_yaml_in_an_override_is_a_recipe_error(capsys):
+    assert cli.main(["train", "gpg_zero_math7b_verl", "data.train_files=[a", "--dry-run"]) == 2
+    assert "data.train_files=[a" in capsys.readouterr().err
+
+
+def test_help_names_all_four_algorithms(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["--help"])
+    assert exit_info.value.code == 0
+    text = " ".join(capsys.readouterr().out.split())
+    for name in ("GPG", "GCPO-gold", "COPO", "GCPO-guidance"):
+        assert name in text
+
+
+def test_data_prepare_help_shows_the_default_format(capsys):
+    with pytest.raises(SystemExit):
+        cli.main(["data", "prepare", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "(default: both)" in text
+
+
+def test_list_into_a_closed_pipe_exits_quietly():
+    """``grouprl list | head -0``: the reader is gone before the first write; no traceback."""
+    proc = subprocess.Popen([sys.executable, "-m", "grouprl.cli", "list"], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, env=_env())
+    proc.stdout.close()  # before the child has written anything (it is still starting Python)
+    stderr = proc.stderr.read().decode()
+    assert proc.wait() == 1
+    assert stderr == "", stderr
 
 
 def test_deep_merge_and_value_parsing():
@@ -159,7 +215,13 @@ def test_train_tiny_cpu_gpg_end_to_end(tmp_path):
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     resolved = yaml.safe_load((out / "grouprl_recipe.yaml").read_text())
     assert resolved["max_steps"] == 2 and resolved["trainer"] == "grouprl_trl.GPGTrainer"
-    assert "'gpg/alpha'" in result.stdout + result.stderr  # GPG's metrics were logged
+    printed = result.stdout + result.stderr
+    assert "'gpg/alpha'" in printed  # GPG's metrics were logged
+    # the preflight ran first, and our summary came before TRL's first log line
+    assert "preflight: all checks passed" in result.stdout
+    summary = printed.index("grouprl: GPG with grouprl_trl.GPGTrainer / GPGConfig, recipe tiny_cpu_gpg")
+    assert "GPGConfig: gpg_preset='paper', advantage_norm='none', age=True, valid_threshold=0.6" in printed
+    assert summary < printed.index("{'loss'")
 
     # the saved weights moved away from the tiny model's initialisation (seed 0)
     import torch
