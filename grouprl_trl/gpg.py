@@ -55,8 +55,11 @@ Official code vs paper, and the switches (defaults follow the paper's formulas):
   for fresh prompts in the first round.
 - Metrics: TRL's ``reward``, ``reward_std``, ``rewards/<f>/mean|std``, ``frac_reward_zero_std`` and
   ``completions/*`` lengths describe the batch the update used (carried and resampled rows
-  included, discarded rounds excluded); ``gpg/all_rounds/*`` describe every completion generated
-  for the step.
+  included, discarded rounds excluded); ``gpg/all_rounds/*`` (reward, reward_std,
+  frac_reward_zero_std, completions/mean_length) describe every completion generated for the step
+  (the policy's own success rate, without the selection of valid groups), every training step.
+  Other per-generation metrics (``num_tokens``, tool and sampling metrics, reward functions' own
+  ``log_metric`` values) count every round.
 """
 
 from __future__ import annotations
@@ -328,8 +331,10 @@ class GPGTrainer(GroupRLTrainer):
         """
         args = self.args
         if args.valid_threshold <= 0:
+            marks = self._metric_marks()
             batch, rewards = self._gpg_round(generation_batch)
             self._set_gpg_advantages(batch, "train", rewards)
+            self._log_all_rounds([rewards], marks)
             self.record_metric(names.GPG_RESAMPLE_ROUNDS, 0.0, "train")
             return batch
         g, procs, rank = self.num_generations, self.accelerator.num_processes, self.accelerator.process_index

@@ -6,7 +6,7 @@
 * ``loss_normalization="per_device"`` vs ``"global"``: the loss of each micro-batch against a token
   mean recomputed from TRL's own log-probs;
 * ``resample_strategy``: the size of each generation round (counted at TRL's generation call);
-* a damaged ``gpg_state_rank0.pt`` names the file.
+* a ``gpg_state_rank0.pt`` that is not a GPG state names the file.
 
 Completions are scripted: row j of the r-th generation call is ``<letter r><group j // 4><position j % 4>``
 (plus "z" in the first call, and the eos token at position 3), and the reward of a row is known from its
@@ -15,7 +15,6 @@ text: ``PATTERN[r][group]`` says whether the group is valid (1, 0, 1, 0 by posit
 
 from __future__ import annotations
 
-import datetime
 import shutil
 
 import pytest
@@ -263,17 +262,12 @@ def checkpoint(tmp_path_factory):
     return out / "checkpoint-1"
 
 
-@pytest.mark.parametrize("damage", ["truncated", "foreign_object", "wrong_keys"])
-def test_damaged_gpg_state_names_the_file(checkpoint, tmp_path, damage):
+def test_a_loadable_file_that_is_not_a_gpg_state_names_the_file(checkpoint, tmp_path):
+    # (truncated files and objects torch refuses: tests/test_gpg_state_errors.py)
     ckpt = tmp_path / "checkpoint-1"
     shutil.copytree(checkpoint, ckpt)
     state_file = ckpt / "gpg_state_rank0.pt"
-    if damage == "truncated":
-        state_file.write_bytes(state_file.read_bytes()[:40])
-    elif damage == "foreign_object":  # refused by torch's weights-only loader
-        torch.save({"carry": datetime.date(2020, 1, 1), "resample_epoch": 0, "resample_consumed": 0}, state_file)
-    else:
-        torch.save({"step": 3}, state_file)
+    torch.save({"step": 3}, state_file)
     trainer = _plain_trainer(tmp_path / "resumed", max_steps=2, save_strategy="steps", save_steps=1)
     with pytest.raises(ValueError) as info:
         trainer.train(resume_from_checkpoint=str(ckpt))
