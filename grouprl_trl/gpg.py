@@ -336,13 +336,14 @@ class GPGTrainer(GroupRLTrainer):
             self._set_gpg_advantages(batch, "train", rewards)
             self._log_all_rounds([rewards], marks)
             self.record_metric(names.GPG_RESAMPLE_ROUNDS, 0.0, "train")
+            self.record_metric(names.GPG_GENERATED_PROMPTS, float(rewards.numel() // self.num_generations), "train")
             return batch
         g, procs, rank = self.num_generations, self.accelerator.num_processes, self.accelerator.process_index
         groups_local = len(generation_batch) // g
         groups_global = groups_local * procs
         carry, self._carry = (self._carry if args.carry_over else None), None
         carried = 0 if carry is None else batch_size_of(carry) // g
-        carried_all = self._per_process(carried)
+        carried_all = self._per_process(carried) if args.carry_over else [0] * procs
         valid = list(carried_all)  # V_p: valid groups each process holds so far
         marks = self._metric_marks()
         rounds, round_valid = ([carry], [[True] * carried]) if carry is not None else ([], [])
