@@ -28,7 +28,7 @@ Three costs of reaching GRPO's final reward (the last-window mean of GRPO's mean
 Ratios are against GRPO's own cost of reaching its final level (< 1: cheaper). "never" when the
 mean curve does not get there within ``--steps``.
 
-Runs happen in this process, one after the other, seed-major; the algorithm order rotates with the
+Runs happen in this process (``--threads`` torch threads, 1 by default), one after the other, seed-major; the algorithm order rotates with the
 seed, and one short untimed run first pays the process's one-off costs, so no algorithm always runs
 first. Seconds depend on the machine's load: the JSON records load averages per run.
 """
@@ -137,6 +137,9 @@ def main(argv=None):
     parser.add_argument("--steps", type=int, default=None, help="optimizer steps per run (default 300; --quick 60)")
     parser.add_argument("--seeds", type=int, default=None, help="seeds 0 .. N-1 (default 5; --quick 2)")
     parser.add_argument("--lr", type=float, default=2e-3)
+    parser.add_argument("--threads", type=int, default=1,
+                        help="torch CPU threads (default 1: the tiny model's small matrix products run several times "
+                        "faster on one thread than on oversubscribed cores of a shared machine; 0 = torch's default)")
     parser.add_argument("--window", type=int, default=10, help="moving-average window (steps)")
     parser.add_argument("--reference", default="grpo", help="whose final reward is the level to reach")
     parser.add_argument("--out", default=str(common.RESULTS_DIR))
@@ -152,6 +155,10 @@ def main(argv=None):
     from tqdm.auto import tqdm
 
     common.quiet_transformers()
+    if args.threads > 0:
+        import torch
+
+        torch.set_num_threads(args.threads)
     unavailable = {}
     for a in algos:
         try:
