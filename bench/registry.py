@@ -57,6 +57,8 @@ ALGORITHMS: dict[str, AlgoSpec] = {
     "gpg_th03_missing": AlgoSpec("GPG, beta_th 0.3, missing_only rounds", "grouprl_trl.gpg", "GPGTrainer", "GPGConfig",
                                  {"valid_threshold": 0.3, "resample_strategy": "missing_only"},
                                  reward_key="gpg/all_rounds/reward", variant=True),
+    "gpg_nocarry": AlgoSpec("GPG, no carry-over (official)", "grouprl_trl.gpg", "GPGTrainer", "GPGConfig",
+                            {"carry_over": False}, reward_key="gpg/all_rounds/reward", variant=True),
     "gpg_1round": AlgoSpec("GPG, at most 1 extra round", "grouprl_trl.gpg", "GPGTrainer", "GPGConfig",
                            {"max_resample_rounds": 1}, reward_key="gpg/all_rounds/reward", variant=True),
     "gcpo_gold": AlgoSpec("GCPO-gold", "grouprl_trl.gcpo", "GCPOTrainer", "GCPOConfig",
