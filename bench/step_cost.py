@@ -29,9 +29,15 @@ Method:
   the mean of the per-round ratios with a 95% confidence interval (Student t over rounds) and
   the median. The 1-minute load average is recorded before every run.
 
-The GPG targets (issue 14) in one line, for a quiet machine:
+``--in-process`` runs every round in the benchmark's own process instead (no memory numbers): runs
+in separate processes differ by a few percent for reasons that have nothing to do with the
+algorithm (the same algorithm's per-run medians spread by about +-4%), and the paired in-process
+design cancels that.
+
+The GPG targets (issue 14) in one line each, for a quiet machine:
 
     python -m bench.step_cost --algos grpo_kl,grpo,gpg --rounds 12 --steps 5 --threads 1
+    python -m bench.step_cost --algos grpo_kl,grpo,gpg --rounds 12 --steps 5 --threads 1 --in-process
 """
 
 from __future__ import annotations
@@ -155,7 +161,21 @@ def run_worker(args) -> dict:
 
 
 # ----------------------------------------------------------------------------- driver
+def run_in_process(algo: str, args, tmp: str) -> dict:
+    """``--in-process``: the run in this process (peak memory is then shared by every run: not reported)."""
+    ns = argparse.Namespace(**{**vars(args), "worker": algo, "tmp": tmp})
+    try:
+        result = run_worker(ns)
+    except AlgorithmUnavailable as err:
+        return {"algo": algo, "error": str(err)}
+    for key in ("peak_rss_mb", "rss_before_train_mb", "peak_rss_increase_mb", "peak_cuda_mb"):
+        result.pop(key, None)
+    return result
+
+
 def run_one(algo: str, args, tmp: str) -> dict:
+    if args.in_process:
+        return run_in_process(algo, args, tmp)
     cmd = [*common.python_cmd(), "-m", "bench.step_cost", "--worker", algo, "--tmp", tmp,
            "--device", args.device, "--rows", str(args.rows), "--completion-length", str(args.completion_length),
            "--steps", str(args.steps), "--warmup", str(args.warmup), "--threads", str(args.threads)]
@@ -303,6 +323,10 @@ def main(argv=None):
     parser.add_argument("--rounds", type=int, default=3, help="interleaved repeats of every algorithm")
     parser.add_argument("--threads", type=int, default=0,
                         help="torch CPU threads per run (0: torch's default); 1 is steadier on a shared machine")
+    parser.add_argument("--in-process", action="store_true",
+                        help="run every round in this one process instead of one process per run: cancels "
+                        "process-level differences (memory layout, allocator state; about +-4%% per run on CPU) "
+                        "from the ratios, but reports no peak memory")
     parser.add_argument("--reference", default="grpo", help="the ratio column's denominator")
     parser.add_argument("--out", default=str(common.RESULTS_DIR))
     parser.add_argument("--worker", help=argparse.SUPPRESS)  # internal: run one algorithm and print RESULT
@@ -337,7 +361,7 @@ def main(argv=None):
             available[a] = False
             runs[a] = [{"algo": a, "error": str(err)}]
     out = Path(args.out)
-    tag = f"step_cost_{args.device}{'_bf16' if args.bf16 else ''}"
+    tag = f"step_cost_{args.device}{'_bf16' if args.bf16 else ''}{'_in_process' if args.in_process else ''}"
     with tempfile.TemporaryDirectory() as tmp, tqdm(total=args.rounds * sum(available.values()),
                                                     desc="runs") as bar:
         for rnd in range(args.rounds):
