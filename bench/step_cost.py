@@ -25,9 +25,8 @@ Method:
   ``--threads 1`` the CPU time is what the step costs even while other processes compete for the
   cores, the wall clock is what a quiet machine shows;
 - ratios are taken within a round (algorithm vs reference in the same round; the order of the
-  algorithms rotates from round to round); the summary is
-  the mean of the per-round ratios with a 95% confidence interval (Student t over rounds) and
-  the median. The 1-minute load average is recorded before every run.
+  algorithms rotates from round to round); the summary is the geometric mean of the per-round
+  ratios with a 95% confidence interval (Student t on their logarithms) and the median. The 1-minute load average is recorded before every run.
 
 ``--in-process`` runs every round in the benchmark's own process instead (no memory numbers): runs
 in separate processes differ by a few percent for reasons that have nothing to do with the
@@ -225,21 +224,24 @@ def paired_ratio(num_runs: list[dict], den_runs: list[dict]) -> float | None:
     return statistics.median(ratios) if ratios else None
 
 
-def mean_ci(values: list[float]) -> tuple[float, float, float] | None:
-    """Mean and the two ends of its 95% confidence interval (Student t; one value: no interval)."""
-    if not values:
+def ratio_ci(ratios: list[float]) -> tuple[float, float, float] | None:
+    """Geometric mean of per-round ratios and its 95% confidence interval (Student t on the log ratios; one
+    value: no interval). Logs, because a ratio of two noisy times is skewed: the arithmetic mean of
+    x / y and of y / x cannot both be 1 when the two algorithms cost the same."""
+    if not ratios:
         return None
-    mean = statistics.fmean(values)
-    if len(values) < 2:
-        return mean, math.nan, math.nan
-    df = len(values) - 1
+    logs = [math.log(r) for r in ratios]
+    mean = statistics.fmean(logs)
+    if len(logs) < 2:
+        return math.exp(mean), math.nan, math.nan
+    df = len(logs) - 1
     t = T_975.get(df) or next((T_975[k] for k in sorted(T_975) if k >= df), 1.96)
-    half = t * statistics.stdev(values) / math.sqrt(len(values))
-    return mean, mean - half, mean + half
+    half = t * statistics.stdev(logs) / math.sqrt(len(logs))
+    return math.exp(mean), math.exp(mean - half), math.exp(mean + half)
 
 
 def check_targets(runs: dict[str, list[dict]]) -> list[dict]:
-    """Each target on the wall-clock ratios (mean of per-round ratios, 95% CI, median) and the same on CPU time."""
+    """Each target on the wall-clock ratios (geometric mean of per-round ratios, 95% CI, median) and on CPU time."""
     out = []
     for num, den, target in TARGETS:
         if num not in runs or den not in runs:
@@ -247,7 +249,7 @@ def check_targets(runs: dict[str, list[dict]]) -> list[dict]:
         entry = {"numerator": num, "denominator": den, "target_max": target}
         for clock, key in (("wall", "median_step_s"), ("cpu", "median_cpu_step_s")):
             ratios = per_round_ratios(runs[num], runs[den], key)
-            stats = mean_ci(ratios)
+            stats = ratio_ci(ratios)
             entry[clock] = {"ratios": ratios, "mean": stats and stats[0], "ci95": stats and [stats[1], stats[2]],
                             "median": statistics.median(ratios) if ratios else None}
         mean = entry["wall"]["mean"]
@@ -264,7 +266,7 @@ def format_target(t: dict) -> str:
             return f"{clock}: n/a"
         lo, hi = c["ci95"]
         ci = "" if math.isnan(lo) else f" [95% CI {lo:.3f}, {hi:.3f}]"
-        return f"{clock}: mean {c['mean']:.3f}{ci}, median {c['median']:.3f}, {len(c['ratios'])} rounds"
+        return f"{clock}: geometric mean {c['mean']:.3f}{ci}, median {c['median']:.3f}, {len(c['ratios'])} rounds"
 
     verdict = "n/a" if t["met"] is None else ("met" if t["met"] else "NOT met")
     return (f"target {ALGORITHMS[t['numerator']].label} <= {t['target_max']}x {ALGORITHMS[t['denominator']].label}: "
