@@ -30,6 +30,7 @@ class AlgoSpec:
     needs_solution: bool = False  # reads the dataset's ``solution`` column itself
     # logged metric holding the policy's own reward (TRL's "reward" of GCPO-gold includes the injected gold rows)
     reward_key: str = "reward"
+    variant: bool = False  # a setting of another entry's trainer for a study; not part of --algos all
 
 
 ALGORITHMS: dict[str, AlgoSpec] = {
@@ -41,8 +42,25 @@ ALGORITHMS: dict[str, AlgoSpec] = {
     "dr_grpo": AlgoSpec("Dr. GRPO (TRL)", "trl", "GRPOTrainer", "GRPOConfig",
                         {"beta": 0.0, "loss_type": "dr_grpo", "scale_rewards": "none"}),
     "dapo": AlgoSpec("DAPO loss (TRL)", "trl", "GRPOTrainer", "GRPOConfig", {"beta": 0.0, "loss_type": "dapo"}),
-    # grouprl
-    "gpg": AlgoSpec("GPG", "grouprl_trl.gpg", "GPGTrainer", "GPGConfig"),
+    # grouprl. GPG's curve reads gpg/all_rounds/reward: every completion generated (TRL's "reward" there is the
+    # trained batch, which the valid-fraction threshold enriches with valid groups).
+    "gpg": AlgoSpec("GPG", "grouprl_trl.gpg", "GPGTrainer", "GPGConfig", reward_key="gpg/all_rounds/reward"),
+    # GPG variants for the resampling-cost study (issue 14): cheaper ways to reach beta_th, and no beta_th at all
+    "gpg_missing": AlgoSpec("GPG, missing_only rounds", "grouprl_trl.gpg", "GPGTrainer", "GPGConfig",
+                            {"resample_strategy": "missing_only"}, reward_key="gpg/all_rounds/reward", variant=True),
+    "gpg_expected": AlgoSpec("GPG, expected rounds", "grouprl_trl.gpg", "GPGTrainer", "GPGConfig",
+                             {"resample_strategy": "expected"}, reward_key="gpg/all_rounds/reward", variant=True),
+    "gpg_th03": AlgoSpec("GPG, beta_th 0.3", "grouprl_trl.gpg", "GPGTrainer", "GPGConfig",
+                         {"valid_threshold": 0.3}, reward_key="gpg/all_rounds/reward", variant=True),
+    "gpg_th0": AlgoSpec("GPG, no beta_th", "grouprl_trl.gpg", "GPGTrainer", "GPGConfig",
+                        {"valid_threshold": 0.0}, reward_key="gpg/all_rounds/reward", variant=True),
+    "gpg_th03_missing": AlgoSpec("GPG, beta_th 0.3, missing_only rounds", "grouprl_trl.gpg", "GPGTrainer", "GPGConfig",
+                                 {"valid_threshold": 0.3, "resample_strategy": "missing_only"},
+                                 reward_key="gpg/all_rounds/reward", variant=True),
+    "gpg_nocarry": AlgoSpec("GPG, no carry-over (official)", "grouprl_trl.gpg", "GPGTrainer", "GPGConfig",
+                            {"carry_over": False}, reward_key="gpg/all_rounds/reward", variant=True),
+    "gpg_1round": AlgoSpec("GPG, at most 1 extra round", "grouprl_trl.gpg", "GPGTrainer", "GPGConfig",
+                           {"max_resample_rounds": 1}, reward_key="gpg/all_rounds/reward", variant=True),
     "gcpo_gold": AlgoSpec("GCPO-gold", "grouprl_trl.gcpo", "GCPOTrainer", "GCPOConfig",
                           {"gold_template": "{solution}"}, needs_solution=True,
                           reward_key="gold/sampled_reward_mean"),
@@ -53,12 +71,15 @@ ALGORITHMS: dict[str, AlgoSpec] = {
 
 
 def parse_algos(text: str, default: list[str]) -> list[str]:
-    """``--algos`` value: comma-separated keys of :data:`ALGORITHMS`, 'all', or '' for ``default``."""
+    """``--algos`` value: comma-separated keys of :data:`ALGORITHMS`, 'all' (every algorithm, without the
+    study variants), 'gpg_variants' (GPG and its variants), or '' for ``default``."""
     if not text:
         return list(default)
     if text == "all":
-        return list(ALGORITHMS)
-    names = [a.strip() for a in text.split(",") if a.strip()]
+        return [k for k, spec in ALGORITHMS.items() if not spec.variant]
+    names = []
+    for part in (a.strip() for a in text.split(",") if a.strip()):
+        names += [k for k in ALGORITHMS if k == "gpg" or k.startswith("gpg_")] if part == "gpg_variants" else [part]
     unknown = [a for a in names if a not in ALGORITHMS]
     if unknown:
         raise SystemExit(f"--algos: unknown algorithm(s) {unknown}; choose from {', '.join(ALGORITHMS)} or 'all'")

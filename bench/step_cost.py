@@ -20,15 +20,31 @@ Method:
   ``torch.cuda.max_memory_allocated``. The rounds interleave the algorithms
   (A, B, C, A, B, C, ...) so that a slow phase of a shared machine hits all of them;
 - step time = time between consecutive ``on_step_end`` callbacks (generation, scoring,
-  forward/backward, optimizer step), the first ``--warmup`` steps excluded; median per run;
-- ratios are taken within a round (algorithm vs reference in the same round), then the
-  median over rounds is reported.
+  forward/backward, optimizer step), the first ``--warmup`` steps excluded; median per run.
+  Both the wall clock and the process's CPU time (``time.process_time``) are recorded: with
+  ``--threads 1`` the CPU time is what the step costs even while other processes compete for the
+  cores, the wall clock is what a quiet machine shows;
+- ratios are taken within a round (algorithm vs reference in the same round; the order of the
+  algorithms rotates from round to round); the summary is the geometric mean of the per-round
+  ratios with a 95% confidence interval (Student t on their logarithms) and the median. The 1-minute load average is recorded before every run.
+
+``--in-process`` runs every round in the benchmark's own process instead (no memory numbers): runs
+in separate processes differ by a few percent for reasons that have nothing to do with the
+algorithm (the same algorithm's per-run medians spread by about +-4%), and the paired in-process
+design cancels that.
+
+The GPG targets (issue 14) in one line each, for a quiet machine:
+
+    python -m bench.step_cost --algos grpo_kl,grpo,gpg --rounds 12 --steps 5 --threads 1
+    python -m bench.step_cost --algos grpo_kl,grpo,gpg --rounds 12 --steps 5 --threads 1 --in-process
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
+import os
 import statistics
 import subprocess
 import sys
@@ -42,9 +58,13 @@ DEFAULT_ALGOS = ["grpo_kl", "grpo", "gpg", "gcpo_gold", "copo", "guidance"]
 # (numerator, denominator, target): "GPG <= 0.85x GRPO(beta 0.04)" etc.
 TARGETS = [
     ("gpg", "grpo_kl", 0.85),
-    ("gpg", "grpo", 1.02),
+    ("gpg", "grpo", 1.00),
     ("guidance", "grpo", 1.7),
 ]
+# two-sided 95% Student t quantiles by degrees of freedom (no scipy in the environment)
+T_975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262, 10: 2.228,
+         11: 2.201, 12: 2.179, 13: 2.160, 14: 2.145, 15: 2.131, 16: 2.120, 17: 2.110, 18: 2.101, 19: 2.093,
+         20: 2.086, 25: 2.060, 30: 2.042, 40: 2.021, 60: 2.000, 120: 1.980}
 GROUP_SIZE = 8
 
 
@@ -93,12 +113,14 @@ def run_worker(args) -> dict:
     )
     reward = toy_reward if args.worker == "gcpo_gold" else alternating_reward
     ends: list[float] = []
+    cpu_ends: list[float] = []
 
     class StepClock(TrainerCallback):
         def on_step_end(self, a, state, control, **kwargs):
             if cuda:
                 torch.cuda.synchronize()
             ends.append(time.perf_counter())
+            cpu_ends.append(time.process_time())
 
     trainer = trainer_cls(
         model=model,
@@ -114,14 +136,19 @@ def run_worker(args) -> dict:
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
     measured = common.reset_peak_rss()
-    start = time.perf_counter()
+    load_before = os.getloadavg()[0]
+    start, cpu_start = time.perf_counter(), time.process_time()
     trainer.train()
     # step i's time = end_i - end_{i-1} (step 0 from train() start); warm-up steps dropped
     times = [b - a for a, b in zip([start] + ends[:-1], ends)][args.warmup :]
+    cpu_times = [b - a for a, b in zip([cpu_start] + cpu_ends[:-1], cpu_ends)][args.warmup :]
     result = {
         "algo": args.worker,
         "step_times_s": times,
         "median_step_s": statistics.median(times),
+        "cpu_step_times_s": cpu_times,
+        "median_cpu_step_s": statistics.median(cpu_times),
+        "loadavg_1m_before": load_before,
         "peak_rss_mb": common.rss_mb("VmHWM") if measured else None,
         "rss_before_train_mb": rss_before,
         # what training adds on top of the process baseline (Python, torch, the loaded model)
@@ -133,7 +160,21 @@ def run_worker(args) -> dict:
 
 
 # ----------------------------------------------------------------------------- driver
+def run_in_process(algo: str, args, tmp: str) -> dict:
+    """``--in-process``: the run in this process (peak memory is then shared by every run: not reported)."""
+    ns = argparse.Namespace(**{**vars(args), "worker": algo, "tmp": tmp})
+    try:
+        result = run_worker(ns)
+    except AlgorithmUnavailable as err:
+        return {"algo": algo, "error": str(err)}
+    for key in ("peak_rss_mb", "rss_before_train_mb", "peak_rss_increase_mb", "peak_cuda_mb"):
+        result.pop(key, None)
+    return result
+
+
 def run_one(algo: str, args, tmp: str) -> dict:
+    if args.in_process:
+        return run_in_process(algo, args, tmp)
     cmd = [*common.python_cmd(), "-m", "bench.step_cost", "--worker", algo, "--tmp", tmp,
            "--device", args.device, "--rows", str(args.rows), "--completion-length", str(args.completion_length),
            "--steps", str(args.steps), "--warmup", str(args.warmup), "--threads", str(args.threads)]
@@ -171,22 +212,65 @@ def summarise(algos: list[str], runs: dict[str, list[dict]], reference: str) -> 
     return rows
 
 
+def per_round_ratios(num_runs: list[dict], den_runs: list[dict], key: str = "median_step_s") -> list[float]:
+    """numerator / denominator median step (``key``) of each round where both ran."""
+    return [n[key] / d[key] for n, d in zip(num_runs, den_runs, strict=True)
+            if "error" not in n and "error" not in d and key in n and key in d]
+
+
 def paired_ratio(num_runs: list[dict], den_runs: list[dict]) -> float | None:
     """Median over rounds of (numerator median step / denominator median step) in the same round."""
-    pairs = [(n["median_step_s"], d["median_step_s"]) for n, d in zip(num_runs, den_runs, strict=True)
-             if "error" not in n and "error" not in d]
-    return statistics.median(n / d for n, d in pairs) if pairs else None
+    ratios = per_round_ratios(num_runs, den_runs)
+    return statistics.median(ratios) if ratios else None
+
+
+def ratio_ci(ratios: list[float]) -> tuple[float, float, float] | None:
+    """Geometric mean of per-round ratios and its 95% confidence interval (Student t on the log ratios; one
+    value: no interval). Logs, because a ratio of two noisy times is skewed: the arithmetic mean of
+    x / y and of y / x cannot both be 1 when the two algorithms cost the same."""
+    if not ratios:
+        return None
+    logs = [math.log(r) for r in ratios]
+    mean = statistics.fmean(logs)
+    if len(logs) < 2:
+        return math.exp(mean), math.nan, math.nan
+    df = len(logs) - 1
+    t = T_975.get(df) or next((T_975[k] for k in sorted(T_975) if k >= df), 1.96)
+    half = t * statistics.stdev(logs) / math.sqrt(len(logs))
+    return math.exp(mean), math.exp(mean - half), math.exp(mean + half)
 
 
 def check_targets(runs: dict[str, list[dict]]) -> list[dict]:
+    """Each target on the wall-clock ratios (geometric mean of per-round ratios, 95% CI, median) and on CPU time."""
     out = []
     for num, den, target in TARGETS:
         if num not in runs or den not in runs:
             continue
-        ratio = paired_ratio(runs[num], runs[den])
-        out.append({"numerator": num, "denominator": den, "target_max": target, "ratio": ratio,
-                    "met": None if ratio is None else ratio <= target})
+        entry = {"numerator": num, "denominator": den, "target_max": target}
+        for clock, key in (("wall", "median_step_s"), ("cpu", "median_cpu_step_s")):
+            ratios = per_round_ratios(runs[num], runs[den], key)
+            stats = ratio_ci(ratios)
+            entry[clock] = {"ratios": ratios, "mean": stats and stats[0], "ci95": stats and [stats[1], stats[2]],
+                            "median": statistics.median(ratios) if ratios else None}
+        mean = entry["wall"]["mean"]
+        entry["ratio"] = mean
+        entry["met"] = None if mean is None else mean <= target
+        out.append(entry)
     return out
+
+
+def format_target(t: dict) -> str:
+    def one(clock):
+        c = t[clock]
+        if c["mean"] is None:
+            return f"{clock}: n/a"
+        lo, hi = c["ci95"]
+        ci = "" if math.isnan(lo) else f" [95% CI {lo:.3f}, {hi:.3f}]"
+        return f"{clock}: geometric mean {c['mean']:.3f}{ci}, median {c['median']:.3f}, {len(c['ratios'])} rounds"
+
+    verdict = "n/a" if t["met"] is None else ("met" if t["met"] else "NOT met")
+    return (f"target {ALGORITHMS[t['numerator']].label} <= {t['target_max']}x {ALGORITHMS[t['denominator']].label}: "
+            f"{one('wall')} -> {verdict} (by the wall-clock mean); {one('cpu')}")
 
 
 def format_table(rows: list[dict], reference: str, memory_name: str) -> str:
@@ -241,6 +325,10 @@ def main(argv=None):
     parser.add_argument("--rounds", type=int, default=3, help="interleaved repeats of every algorithm")
     parser.add_argument("--threads", type=int, default=0,
                         help="torch CPU threads per run (0: torch's default); 1 is steadier on a shared machine")
+    parser.add_argument("--in-process", action="store_true",
+                        help="run every round in this one process instead of one process per run: cancels "
+                        "process-level differences (memory layout, allocator state; about +-4%% per run on CPU) "
+                        "from the ratios, but reports no peak memory")
     parser.add_argument("--reference", default="grpo", help="the ratio column's denominator")
     parser.add_argument("--out", default=str(common.RESULTS_DIR))
     parser.add_argument("--worker", help=argparse.SUPPRESS)  # internal: run one algorithm and print RESULT
@@ -275,11 +363,12 @@ def main(argv=None):
             available[a] = False
             runs[a] = [{"algo": a, "error": str(err)}]
     out = Path(args.out)
-    tag = f"step_cost_{args.device}{'_bf16' if args.bf16 else ''}"
+    tag = f"step_cost_{args.device}{'_bf16' if args.bf16 else ''}{'_in_process' if args.in_process else ''}"
     with tempfile.TemporaryDirectory() as tmp, tqdm(total=args.rounds * sum(available.values()),
                                                     desc="runs") as bar:
         for rnd in range(args.rounds):
-            for a in algos:
+            # rotate the order each round, so no algorithm always runs first (or right after the same one)
+            for a in algos[rnd % len(algos):] + algos[: rnd % len(algos)]:
                 if not available[a]:
                     continue
                 bar.set_postfix(round=rnd + 1, algo=a)
@@ -296,10 +385,11 @@ def main(argv=None):
         if not row["available"]:
             print(f"{row['label']}: not available ({row['reason']})")
     for t in targets:
-        verdict = "n/a" if t["met"] is None else ("met" if t["met"] else "NOT met")
-        ratio = "n/a" if t["ratio"] is None else f"{t['ratio']:.3f}"
-        print(f"target {ALGORITHMS[t['numerator']].label} <= {t['target_max']}x {ALGORITHMS[t['denominator']].label}:"
-              f" {ratio} -> {verdict}")
+        print(format_target(t))
+    loads = [r["loadavg_1m_before"] for rs in runs.values() for r in rs if "loadavg_1m_before" in r]
+    if loads:
+        print(f"load average (1 min) before the runs: min {min(loads):.2f}, median {statistics.median(loads):.2f}, "
+              f"max {max(loads):.2f} on {os.cpu_count()} CPUs")
     payload = {"config": {k: v for k, v in vars(args).items() if k not in ("worker", "tmp")},
                "machine": common.machine_info(), "summary": rows, "targets": targets, "runs": runs}
     json_path = common.write_json(f"{tag}.json", payload, out)

@@ -16,17 +16,34 @@ alpha equals the official code's ``loss /= min(1, valid/total)`` (valid = sample
 with non-equal rewards). verl 0.9.1's built-in ``gpg`` estimator instead uses
 ``B / count_nonzero(rewards)``, which is a different number; ours follows the paper.
 
-Batch planning (the valid-fraction threshold beta_th, paper Sec. 3.3): while fewer than beta_th
-of the batch's groups are valid (non-equal rewards), another round is generated from fresh
-prompts, at most ``max_resample_rounds`` times; valid groups of every round are kept, oldest
-first, and the batch is filled up with the last round's zero-variance groups. Valid groups that
-do not fit are carried to the next batch (at most one batch worth, so at most one step old).
-:func:`plan_gpg_batch` and :func:`gpg_needs_more` are that rule on per-round validity flags,
-with no tensors of the batch itself, so both backends assemble their own batches from it.
+Batch planning (the valid-fraction threshold beta_th, paper Sec. 3.3): while the count of valid
+groups (non-equal rewards) is below beta_th of a round's N groups, another round is generated
+from fresh prompts, at most ``max_resample_rounds`` times; valid groups of every round are kept,
+oldest first, and the batch is filled up with zero-variance groups of the newest round (with
+whole rounds: the last round's, as the official code). Valid groups that do not fit are carried
+to the next batch (at most one batch worth, so at most one step old) or dropped (official).
+
+Two counts (:data:`VALID_COUNTS`, :func:`gpg_valid_count`), with V_p the valid groups process p
+holds so far (carried + every round of this batch) and n its share of a round:
+
+    capped:  sum_p min(V_p, n)   only groups a process can put into its batch
+    global:  sum_p V_p           the official loop's running count (every valid group generated,
+                                 including the ones a process with a surplus later drops)
+
+and the threshold stops the loop when ``count / N >= beta_th`` (:func:`gpg_needs_more`). With the
+global count the official code also derives alpha from it: ``alpha = 1 / min(1, count / N)``
+(:func:`cumulative_alpha`), which equals B / (B - M) only when no round was discarded.
+
+How many groups an extra round generates is :func:`gpg_round_groups` (:data:`RESAMPLE_STRATEGIES`):
+``full_rounds`` (the paper: a whole generation batch) or cheaper variants that generate only what
+is missing. :func:`plan_gpg_batch`, :func:`gpg_needs_more` and :func:`gpg_round_groups` work on
+per-round validity flags and counts, with no tensors of the batch itself, so both backends
+assemble their own batches from them.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -39,6 +56,8 @@ F_NORM_MODES = ("none", "group", "batch")
 STD_EPS = 1e-4  # as TRL's scale_rewards and the official GPG/open-rs code
 DEFAULT_VALID_THRESHOLD = 0.6  # beta_th (paper)
 DEFAULT_MAX_RESAMPLE_ROUNDS = 20  # official code
+VALID_COUNTS = ("capped", "global")  # what the threshold counts, see gpg_valid_count
+RESAMPLE_STRATEGIES = ("full_rounds", "missing_only", "expected")  # size of an extra round, see gpg_round_groups
 
 
 @dataclass
@@ -97,6 +116,7 @@ def gpg_advantages(
     use_age: bool = True,
     eps: float = STD_EPS,
     process_group=None,
+    alpha: float | None = None,
 ) -> GPGAdvantages:
     """GPG advantages ``A_i = alpha * (r_i - mean_g) / F_norm`` with ``alpha = B / (B - M)``.
 
@@ -108,6 +128,8 @@ def gpg_advantages(
             ``"batch"`` (std over the global batch + eps).
         use_age: multiply by alpha (``False`` = alpha 1, the official 1.5B runs).
         process_group: sum B, M (and the batch std) over these processes; ``None`` = local.
+        alpha: the AGE factor to use instead of B / (B - M) (with ``use_age``), e.g. the official
+            code's :func:`cumulative_alpha` of the resampling rounds.
 
     Zero-variance groups get advantage exactly 0. If every group is zero-variance, all
     advantages are 0, alpha is reported as 0 and ``skip_update`` is True.
@@ -123,7 +145,9 @@ def gpg_advantages(
     elif f_norm == "batch":
         centred = centred / (_batch_std(rewards, process_group) + eps)
     centred = centred.masked_fill(stats.zero_variance, 0.0)
-    alpha, b, m = global_age_alpha(stats.zero_variance, process_group)
+    batch_alpha, b, m = global_age_alpha(stats.zero_variance, process_group)
+    if alpha is None or b == m:
+        alpha = batch_alpha
     scale = alpha if use_age else 1.0
     advantages = centred * scale
     return GPGAdvantages(
@@ -150,16 +174,90 @@ def group_valid_flags(rewards: torch.Tensor, group_ids: torch.Tensor, tol: float
 def usable_valid_groups(round_valid: Sequence[Sequence[bool]], groups_per_batch: int) -> int:
     """Valid groups collected so far that the batch can use: ``min(#valid, groups_per_batch)``.
 
-    This is the count the threshold compares, per batch (per process in TRL, where each process
-    assembles its own share of whole groups; the caller sums it over processes).
+    This is one process's term of the ``capped`` count (:func:`gpg_valid_count`).
     """
     return min(sum(sum(bool(v) for v in flags) for flags in round_valid), groups_per_batch)
 
 
+def gpg_valid_count(valid_per_process: Sequence[int], groups_per_process: int, valid_count: str = "capped") -> int:
+    """The valid-group count the threshold compares with ``beta_th * N`` (N = groups of one full round).
+
+    ``valid_per_process[p]`` = V_p, the valid groups process p holds so far (carried ones and every
+    round of this batch, including valid groups it will not have room for); n = ``groups_per_process``.
+
+        capped:  sum_p min(V_p, n)   (ours: a surplus on one process does not make up for another's gap)
+        global:  sum_p V_p           (the official loop's ``n_valid_samples``: every valid group counts)
+    """
+    if valid_count not in VALID_COUNTS:
+        raise ValueError(f"valid_count must be one of {VALID_COUNTS}, got {valid_count!r}")
+    if valid_count == "global":
+        return int(sum(valid_per_process))
+    return int(sum(min(v, groups_per_process) for v in valid_per_process))
+
+
 def gpg_needs_more(valid_fraction: float, *, threshold: float, extra_rounds: int, max_rounds: int) -> bool:
     """True while the batch's valid fraction is below ``threshold`` (beta_th) and the round bound allows
-    another round. ``valid_fraction`` is usable valid groups / groups of the batch (global)."""
+    another round. ``valid_fraction`` = :func:`gpg_valid_count` / N (N = groups of one full round, all
+    processes); with the global count it may exceed 1."""
     return valid_fraction < threshold and extra_rounds < max_rounds
+
+
+def cumulative_alpha(valid_groups: int, groups_per_round: int) -> float:
+    """The official code's AGE factor: ``alpha = 1 / min(1, V / N)``, V = the global running count of valid
+    groups over the resampling rounds (:func:`gpg_valid_count` with ``"global"``), N = groups of one
+    round. 0.0 when V = 0 (nothing to learn: the step is skipped; the official code divides by 0).
+
+    Without resampling V / N = (B - M) / B, so this equals :func:`age_alpha`; after resampling it is 1
+    as soon as the rounds produced N valid groups, whatever the assembled batch holds.
+    """
+    if groups_per_round <= 0:
+        raise ValueError(f"groups_per_round must be positive, got {groups_per_round}")
+    if valid_groups <= 0:
+        return 0.0
+    return 1.0 / min(1.0, valid_groups / groups_per_round)
+
+
+def groups_to_reach(threshold: float, groups_per_round: int) -> int:
+    """The smallest count c with ``c / N >= threshold`` (the count that stops :func:`gpg_needs_more`)."""
+    for c in range(groups_per_round + 1):
+        if c / groups_per_round >= threshold:
+            return c
+    return groups_per_round
+
+
+def gpg_round_groups(
+    strategy: str,
+    *,
+    valid_groups: int,
+    groups_per_round: int,
+    threshold: float,
+    num_processes: int,
+    valid_rate: float | None = None,
+) -> int:
+    """Groups *each process* generates in the next extra round (every process the same number, so the
+    rows of a round can be gathered). n = ``groups_per_round / num_processes``, P = ``num_processes``,
+    missing = :func:`groups_to_reach` - ``valid_groups`` (the count so far):
+
+        full_rounds:   n                                   (the paper and the official code)
+        missing_only:  min(n, ceil(missing / P))           (one new group per missing valid group)
+        expected:      min(n, ceil(missing / (r * P)))     (r = ``valid_rate``, valid groups per generated
+                                                            group so far in this batch; n while r is unknown/0)
+
+    Always at least 1 when something is missing.
+    """
+    if strategy not in RESAMPLE_STRATEGIES:
+        raise ValueError(f"resample_strategy must be one of {RESAMPLE_STRATEGIES}, got {strategy!r}")
+    if groups_per_round % num_processes:
+        raise ValueError(f"groups_per_round={groups_per_round} is not a multiple of num_processes={num_processes}")
+    per_process = groups_per_round // num_processes
+    missing = max(groups_to_reach(threshold, groups_per_round) - valid_groups, 1)
+    if strategy == "full_rounds":
+        return per_process
+    if strategy == "expected":
+        if not valid_rate or valid_rate <= 0:
+            return per_process
+        return max(1, min(per_process, math.ceil(missing / (valid_rate * num_processes))))
+    return max(1, min(per_process, math.ceil(missing / num_processes)))
 
 
 @dataclass(frozen=True)
@@ -192,7 +290,8 @@ def plan_gpg_batch(
         carry_over: keep the valid groups that do not fit (at most ``groups_per_batch``).
     Returns:
         a :class:`GPGBatchPlan`: the first ``groups_per_batch`` valid groups, oldest first; when fewer
-        exist, the last round's other (zero-variance) groups fill the batch in order.
+        exist, zero-variance groups fill the batch, newest round first, in order within a round (with
+        whole rounds the last round always has enough: the official rule).
     """
     if groups_per_batch < 1:
         raise ValueError(f"groups_per_batch must be >= 1, got {groups_per_batch}")
@@ -201,14 +300,12 @@ def plan_gpg_batch(
     valid = [(r, k) for r, flags in enumerate(round_valid) for k, ok in enumerate(flags) if ok]
     chosen, leftover = valid[:groups_per_batch], valid[groups_per_batch:]
     if len(chosen) < groups_per_batch:
-        last = len(round_valid) - 1
-        taken = {k for r, k in chosen if r == last}
-        fillers = [(last, k) for k in range(len(round_valid[last])) if k not in taken]
+        fillers = [(r, k) for r in reversed(range(len(round_valid))) for k, ok in enumerate(round_valid[r]) if not ok]
         chosen += fillers[: groups_per_batch - len(chosen)]
     if len(chosen) < groups_per_batch:
         raise ValueError(
-            f"the rounds hold {len(chosen)} groups, fewer than the batch's {groups_per_batch}: the last round "
-            "must be a full generation round"
+            f"the rounds hold {len(chosen)} groups, fewer than the batch's {groups_per_batch}: the rounds must "
+            "hold at least one batch of groups"
         )
     return GPGBatchPlan(
         chosen=chosen,

@@ -34,6 +34,7 @@ from trl import GRPOTrainer
 from trl.models.utils import disable_gradient_checkpointing
 from trl.trainer.utils import (
     RepeatSampler,
+    nanstd,
     pad,
     shuffle_sequence_dict,
     split_pixel_values_by_grid,
@@ -382,6 +383,20 @@ def append_logged_rows(trainer: GRPOTrainer, rows: list[dict], advantages: list[
             logs["extra"][column].append(row["extra"].get(column))
         if "images" in row:
             logs["images"].append(row["images"])
+
+
+def completion_lengths_and_truncation(trainer: GRPOTrainer, rollouts: Rollouts) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each local row's completion length and whether it was truncated, as ``GRPOTrainer._generate`` logs them
+    (TRL 1.14.2, 1.16.0): the model's tokens (``sum(tool_mask)`` with tools), and "the last token is neither an
+    eos id (``trainer.eos_token_ids``) nor the pad token"."""
+    device = trainer.accelerator.device
+    if rollouts.tool_mask is not None:
+        lengths = [sum(mask) for mask in rollouts.tool_mask]
+    else:
+        lengths = [len(ids) for ids in rollouts.completion_ids]
+    eos_and_pad = [*trainer.eos_token_ids, trainer._tokenizer.pad_token_id]
+    truncated = [ids[-1] not in eos_and_pad for ids in rollouts.completion_ids]
+    return torch.tensor(lengths, device=device), torch.tensor(truncated, dtype=torch.bool, device=device)
 
 
 def logged_advantages(trainer: GRPOTrainer) -> list[float]:

@@ -47,7 +47,7 @@ def test_plan_bounds_the_carry_to_one_batch_and_can_drop_it():
 
 
 def test_plan_refuses_a_last_round_too_small_to_fill_the_batch():
-    with pytest.raises(ValueError, match="full generation round"):
+    with pytest.raises(ValueError, match="at least one batch of groups"):
         plan_gpg_batch([[False, False]], 4)
 
 

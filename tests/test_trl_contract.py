@@ -97,6 +97,7 @@ def test_get_per_token_logps_and_entropies_accepts_what_we_pass():
         (trl_utils.RepeatSampler.__init__,
          ["data_source", "mini_repeat_count", "batch_size", "repeat_count", "shuffle", "seed"]),
         (trl_utils.pad, ["tensors", "padding_value", "padding_side", "pad_to_multiple_of"]),
+        (trl_utils.nanstd, ["tensor", "dim", "keepdim"]),
         (trl_utils.use_adapter, ["model", "adapter_name"]),
         (trl_utils.split_tensor_dict, ["tensor_dict", "num_chunks"]),
         (trl_utils.shuffle_sequence_dict, ["seq_dict"]),
@@ -141,7 +142,8 @@ def test_private_state_exists(grpo):
     for name in ("aux_loss_enabled", "router_aux_loss_coef", "use_vllm", "vllm_importance_sampling_correction", "beta",
                  "epsilon_low", "epsilon_high", "importance_sampling_level", "scale_rewards", "num_generations",
                  "num_generations_eval", "max_completion_length", "mask_truncated_completions", "pad_to_multiple_of",
-                 "reward_weights", "reward_funcs", "reward_func_names", "ref_model", "tools", "environment_factories"):
+                 "reward_weights", "reward_funcs", "reward_func_names", "ref_model", "tools", "environment_factories",
+                 "eos_token_ids"):
         assert hasattr(grpo, name), name
 
 
