@@ -8,6 +8,10 @@ algorithms need a little more; each piece below works on the legacy trainer's ``
 
 * GCPO-gold: :func:`inject_gold` rewrites one rollout of every all-wrong group with the reference
   solution after rewards, before old log-probs.
+
+Every rule both backends share (gold rendering and fitting, COPO's answer keys, the GPG batch
+planner) and every metric name comes from grouprl_core, so verl and the TRL trainers decide and log
+the same things.
 * GPG: :class:`GPGGroupAssembler` keeps valid groups across generation rounds (beta_th threshold)
   and carries leftovers to the next step, after rewards, before old log-probs.
 * COPO: :func:`attach_copo_fields` computes the global advantage and the gate from the groups'
@@ -23,6 +27,7 @@ Row layout (verl's agent loop): ``prompts`` (B, Lp) left-padded, ``responses`` (
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -30,8 +35,9 @@ import numpy as np
 import torch
 from verl import DataProto
 
-from grouprl_core.copo import copo_advantages, copo_blend_weight, encode_answers
-from grouprl_core.gold import plan_gold_injection
+from grouprl_core import names
+from grouprl_core.copo import answer_keys, copo_advantages, copo_blend_weight, encode_answers, normalise_answer
+from grouprl_core.gold import fit_gold_completion, plan_gold_injection
 from grouprl_core.groups import zero_variance_mask
 from grouprl_core.guidance import dynamic_filter_keep, guidance_token_weights
 
@@ -66,29 +72,46 @@ def attach_copo_fields(data: DataProto, options: COPOOptions) -> dict[str, float
     """Attach COPO's per-sample ``grouprl_copo_local``, ``grouprl_copo_global``, ``grouprl_copo_weight``.
 
     Formulas: :mod:`grouprl_core.copo` (Han et al., arXiv 2508.04138). The answers come from
-    ``non_tensor_batch[options.answer_key]`` (e.g. math_dapo's ``pred``; compared as strings, as
-    the official code); ``answer_key: null`` uses the reward values as answers (SPEC's fallback).
-    The batch is the whole generation batch, so the standardisation of ``A^glob`` is global.
+    ``non_tensor_batch[options.answer_key]`` (e.g. math_dapo's or grouprl's ``pred``; compared as
+    strings, as the official code). A row without an answer (``""``, blank or None) is keyed by its
+    reward value, exactly as the TRL trainer keys a completion its extractor finds nothing in
+    (:func:`grouprl_core.copo.answer_keys`); ``answer_key: null`` keys every row by its reward. The
+    batch is the whole generation batch, so the standardisation of ``A^glob`` is global.
     """
     rewards = outcome_rewards(data).to(torch.float32)
     group_ids = batch_group_ids(data, "grouprl_copo")
     if options.answer_key is None:
-        answers = [repr(float(r)) for r in rewards.tolist()]
+        answers = [None] * len(data)
     else:
-        answers = [str(a) for a in _non_tensor(data, options.answer_key, "algorithm.grouprl.copo.answer_key")]
+        answers = list(_non_tensor(data, options.answer_key, "algorithm.grouprl.copo.answer_key"))
+    answers = [normalise_answer(a) for a in answers]
     result = copo_advantages(
-        rewards, group_ids, encode_answers(answers),
+        rewards, group_ids, encode_answers(answer_keys(answers, rewards.tolist())),
         gate_k=options.gate_k, gate_b=options.gate_b, eps=options.eps, entropy_reward_coef=options.entropy_reward_coef,
     )
     weight = copo_blend_weight(result.gate, rewards, result.local, options.blend)
     data.batch["grouprl_copo_local"] = result.local.to(torch.float32)
     data.batch["grouprl_copo_global"] = result.global_.to(torch.float32)
     data.batch["grouprl_copo_weight"] = weight.to(torch.float32)
+    fallback_frac = sum(a is None for a in answers) / max(len(answers), 1)
+    if fallback_frac > 0 and options.answer_key is not None:
+        warnings.warn(  # shown once per process (Python's default warning filter)
+            f"COPO: {100 * fallback_frac:.0f}% of the batch's rows have no answer in "
+            f"'{options.answer_key}'; their reward values stand in as answers for the consistency entropy "
+            f"(see {names.COPO_EXTRACT_FALLBACK_FRAC}).", stacklevel=2)
     return {
-        "copo/consistency_entropy": float(result.entropy.mean()),
-        "copo/gate_mean": float(result.gate.mean()),
-        "copo/global_std": result.global_std,
+        names.COPO_CONSISTENCY_ENTROPY: _mean_per_group(result.entropy, group_ids),
+        names.COPO_GATE_MEAN: _mean_per_group(result.gate, group_ids),
+        names.COPO_GLOBAL_ADV_STD: result.global_std,
+        names.COPO_LOCAL_WEIGHT_MEAN: float(weight.mean()),
+        names.COPO_EXTRACT_FALLBACK_FRAC: fallback_frac,
     }
+
+
+def _mean_per_group(per_sample: torch.Tensor, group_ids: torch.Tensor) -> float:
+    """Mean over groups of a value every sample of a group carries (each prompt counts once, as TRL logs it)."""
+    per_group = per_sample.new_zeros(int(group_ids.max()) + 1).scatter_(0, group_ids, per_sample)
+    return float(per_group.mean())
 
 
 # ----------------------------------------------------------------------------- GCPO-guidance
@@ -100,7 +123,7 @@ def guidance_filter(data: DataProto, options: GuidanceOptions) -> tuple[dict[str
     the DP size). Returns the metrics and whether no group is left (then the update is skipped).
     """
     if not options.dynamic_filter:
-        return {"guidance/kept_frac": 1.0}, False
+        return {}, False  # as the TRL trainer: no filter, no filter metrics
     group_ids = batch_group_ids(data, "grouprl_guidance")
     if options.accuracy_key is None:
         accuracy = outcome_rewards(data).to(torch.float32)
@@ -114,7 +137,7 @@ def guidance_filter(data: DataProto, options: GuidanceOptions) -> tuple[dict[str
     if "advantages" in data.batch.keys():
         data.batch["advantages"] = data.batch["advantages"].masked_fill(drop, 0.0)
     kept = float(keep.float().mean())
-    return {"guidance/kept_frac": kept, "guidance/skipped_step": float(not keep.any())}, not bool(keep.any())
+    return {names.GUIDANCE_KEPT_FRAC: kept, names.GUIDANCE_SKIPPED_STEP: float(not keep.any())}, not bool(keep.any())
 
 
 def negative_context_batch(data: DataProto, negative_prompt_ids: list[list[int]], pad_token_id: int) -> DataProto:
@@ -167,8 +190,8 @@ def apply_guidance_weights(data: DataProto, neg_log_probs: torch.Tensor, options
     data.batch["advantages"] = data.batch["advantages"] * weights.to(data.batch["advantages"].dtype)
     m = mask.float()
     return {
-        "guidance/weight_max": float((weights * m).max()) if m.any() else 0.0,
-        "guidance/divergence_mean": float((divergence * m).sum() / m.sum().clamp(min=1.0)),
+        names.GUIDANCE_WEIGHT_MAX: float((weights * m).max()) if m.any() else 0.0,
+        names.GUIDANCE_DIVERGENCE_MEAN: float((divergence * m).sum() / m.sum().clamp(min=1.0)),
     }
 
 
@@ -266,37 +289,45 @@ def inject_gold(
     gold_ids: list[list[int] | None],
     score_rows: Callable[[DataProto], DataProto],
     pad_token_id: int,
+    eos_token_id: int,
 ) -> tuple[dict[str, float], list[int]]:
-    """GCPO-gold (Wu & Liu, arXiv 2510.07790) [PROPOSAL]: put the reference solution into groups with no
-    correct rollout (``reward >= correct_threshold``), replacing the group's last row, in place.
+    """GCPO-gold (Wu & Liu, arXiv 2510.07790; our reading in docs/algorithms.md): put the reference
+    solution into groups with no correct rollout (``reward >= correct_threshold``), replacing the group's
+    last row, in place.
 
-    ``gold_ids[i]`` is the rendered reference completion of row i's prompt (None or [] = no gold).
-    ``score_rows(batch)`` scores the rewritten rows (:func:`gold_scoring_batch`) the way the run scores
-    every rollout (verl's reward loop and configured reward manager) and returns its ``rm_scores``
+    ``gold_ids[i]`` is the token ids of row i's rendered reference (:func:`grouprl_core.gold.render_gold`,
+    no EOS), None when the prompt has no reference. The ids are fitted to the response width as a sampled
+    response looks (:func:`grouprl_core.gold.fit_gold_completion`: EOS when it fits, else cut without
+    EOS). ``score_rows(batch)`` scores the rewritten rows (:func:`gold_scoring_batch`) the way the run
+    scores every rollout (verl's reward loop and configured reward manager) and returns its ``rm_scores``
     and reward extras, which replace the rows' (never assumed correct). Must run after rewards and
     before the old log-prob pass, so the gold rows get their old log-probs from that pass. Returns
-    the metrics and the replaced rows.
+    the metrics (the TRL trainer's names and rules) and the replaced rows.
     """
     rewards = outcome_rewards(data).to(torch.float32)
     group_ids = batch_group_ids(data, "grouprl_gcpo")
     if len(gold_ids) != len(data):
         raise ValueError(f"{len(gold_ids)} gold completions for {len(data)} rows")
-    has_gold = torch.tensor([bool(g) for g in gold_ids])
+    has_gold = torch.tensor([g is not None for g in gold_ids])
     plan = plan_gold_injection(rewards >= options.correct_threshold, group_ids, has_gold,
                                trigger=options.trigger, placement=options.placement)
     rows = plan.replace_index.tolist()
-    truncated = sum(write_response(data, row, gold_ids[row], pad_token_id) for row in rows)
-    scores = []
+    width = data.batch["responses"].size(1)
+    truncated = 0
+    for row in rows:
+        ids, cut = fit_gold_completion(gold_ids[row], eos_token_id, width)
+        write_response(data, row, ids, pad_token_id)
+        truncated += int(cut)
+    num_groups = int(group_ids.max()) + 1
+    metrics = {names.GOLD_INJECTED_FRAC: plan.num_injected / num_groups}
+    if options.trigger != "never":  # the policy's own reward, comparable with GRPO's
+        metrics[names.GOLD_SAMPLED_REWARD_MEAN] = float(rewards.mean())
     if rows:
         scored = score_rows(gold_scoring_batch(data, rows))
         write_scored_rows(data, rows, scored)
-        scores = scored.batch["rm_scores"].sum(-1).tolist()
-    num_groups = int(group_ids.max()) + 1
-    return {
-        "gold/injected_frac": plan.num_injected / num_groups,
-        "gold/reward_mean": float(np.mean(scores)) if scores else 0.0,
-        "gold/truncated": float(truncated),
-    }, rows
+        metrics[names.GOLD_REWARD_MEAN] = float(scored.batch["rm_scores"].sum(-1).float().mean())
+        metrics[names.GOLD_TRUNCATED_FRAC] = truncated / len(rows)
+    return metrics, rows
 
 
 # ----------------------------------------------------------------------------- GPG threshold
@@ -331,7 +362,7 @@ class GPGGroupAssembler:
         order, _, valid_first = self._groups(first)
         n_groups = len(order)
         if opts.valid_threshold <= 0:
-            return first, {"gpg/resample_rounds": 0.0}
+            return first, {names.GPG_RESAMPLE_ROUNDS: 0.0}
         rounds: list[DataProto] = []
         chosen_pool: list[tuple[int, str]] = []  # (round, uid), oldest first
         if self.carry is not None and opts.carry_over:
@@ -364,9 +395,9 @@ class GPGGroupAssembler:
             self.carry = _select_groups(rounds, leftover[:n_groups])
         used_carry = sum(1 for r, _ in chosen if r == 0 and num_carried)
         return assembled, {
-            "gpg/resample_rounds": float(extra),
-            "gpg/extra_prompts": float(extra * n_groups),
-            "gpg/carried_frac": used_carry / n_groups,
+            names.GPG_RESAMPLE_ROUNDS: float(extra),
+            names.GPG_EXTRA_PROMPTS: float(extra * n_groups),
+            names.GPG_CARRIED_FRAC: used_carry / n_groups,
         }
 
 

@@ -42,6 +42,7 @@ import torch
 from omegaconf import OmegaConf
 from verl import DataProto
 
+from grouprl_core.gold import render_gold
 from grouprl_core.groups import zero_variance_mask
 
 from . import estimators, hooks, losses
@@ -59,6 +60,9 @@ ESTIMATOR_TO_ALGO = {
     estimators.GPG: "gpg", estimators.GCPO: "gcpo", estimators.COPO: "copo", estimators.GUIDANCE: "guidance",
 }
 GPG_STATE_FILE = "grouprl_gpg.pt"
+# verl only: the step's actor update was skipped (no learning signal). The TRL trainers skip the optimizer step
+# inside their loss and log the algorithm's own ``gpg/skipped_step`` / ``guidance/skipped_step``, which verl logs too.
+SKIPPED_UPDATE = "grouprl/skipped_update"
 
 
 def grouprl_settings(config) -> tuple[str | None, object]:
@@ -164,9 +168,12 @@ class GroupRLRayPPOTrainer(RayPPOTrainerHooks):
         gold_ids = [self._gold_ids(batch, i) for i in range(len(batch))]
         # scored the way fit scores a colocated reward model's batch: verl's reward loop workers, each row
         # through the configured reward manager (DAPO's overlong penalty, sandbox, reward model, ...)
-        return hooks.inject_gold(batch, self.grouprl_options, gold_ids, self.score_rows, self.tokenizer.pad_token_id)
+        return hooks.inject_gold(batch, self.grouprl_options, gold_ids, self.score_rows, self.tokenizer.pad_token_id,
+                                 self.tokenizer.eos_token_id)
 
     def _gold_ids(self, batch: DataProto, row: int) -> list[int] | None:
+        """Token ids of row ``row``'s rendered reference (:func:`grouprl_core.gold.render_gold`: None when it has
+        none, i.e. None or blank), tokenised as the TRL trainer does (no special tokens; EOS is added when fitted)."""
         key = self.grouprl_options.solution_key
         if key in batch.non_tensor_batch:
             solution = batch.non_tensor_batch[key][row]
@@ -178,10 +185,10 @@ class GroupRLRayPPOTrainer(RayPPOTrainerHooks):
                     "Add the reference solution to your parquet (column or extra_info) or change solution_key."
                 )
             solution = extra[row][key]
-        if solution is None or str(solution) == "":
-            return None
-        text = self.grouprl_options.gold_template.format(solution=solution)
-        return self.tokenizer.encode(text, add_special_tokens=False) + [self.tokenizer.eos_token_id]
+        if isinstance(solution, np.generic):  # a numpy scalar from a numeric column: its Python value
+            solution = solution.item()
+        text = render_gold(self.grouprl_options.gold_template, solution)
+        return None if text is None else self.tokenizer.encode(text, add_special_tokens=False)
 
     # ------------------------------------------------------------------ GPG extra rounds
     def _make_resample_loader(self):
@@ -283,7 +290,7 @@ class GroupRLRayPPOTrainer(RayPPOTrainerHooks):
             rewards = hooks.outcome_rewards(batch).float()
             skip = bool(zero_variance_mask(rewards, hooks.batch_group_ids(batch, "grouprl_gpg")).all())
         if skip:  # no learning signal: no optimizer step at all
-            metrics["grouprl/skipped_update"] = 1.0
+            metrics[SKIPPED_UPDATE] = 1.0
             return DataProto.from_single_dict(data={}, meta_info={"metrics": metrics})
         output = run_update(batch)
         output.meta_info["metrics"].update(metrics)
