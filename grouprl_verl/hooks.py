@@ -38,7 +38,7 @@ from verl import DataProto
 from grouprl_core import names
 from grouprl_core.copo import answer_keys, copo_advantages, copo_blend_weight, encode_answers, normalise_answer
 from grouprl_core.gold import fit_gold_completion, plan_gold_injection
-from grouprl_core.groups import zero_variance_mask
+from grouprl_core.gpg import gpg_needs_more, group_valid_flags, plan_gpg_batch, usable_valid_groups
 from grouprl_core.guidance import dynamic_filter_keep, guidance_token_weights
 
 from .config import COPOOptions, GCPOOptions, GPGOptions, GuidanceOptions
@@ -331,83 +331,91 @@ def inject_gold(
 
 
 # ----------------------------------------------------------------------------- GPG threshold
+def group_order(batch: DataProto) -> list[str]:
+    """The batch's groups (uids) in the order of their first row."""
+    return list(dict.fromkeys(str(u) for u in batch.non_tensor_batch["uid"]))
+
+
 @dataclass
 class GPGGroupAssembler:
     """GPG's valid-fraction threshold beta_th with carry-over, on whole groups (uids) of DataProtos.
 
-    While fewer than ``valid_threshold`` of the batch's groups are valid (non-equal rewards), another
-    generation round is requested (at most ``max_resample_rounds``); valid groups of every round
-    are kept, oldest first (carried groups first), and the batch is filled up with the last
-    round's zero-variance groups. Valid groups that do not fit are carried to the next step (at
-    most one batch worth; one optimizer step old, as in the TRL GPGTrainer). The assembled batch
-    has exactly as many rows as the first round, so verl's batch-size invariants hold.
+    The rule is grouprl_core's, shared with the TRL ``GPGTrainer``: :func:`~grouprl_core.gpg.group_valid_flags`
+    judges each round's groups, :func:`~grouprl_core.gpg.gpg_needs_more` asks for another generation round
+    while the usable valid fraction (:func:`~grouprl_core.gpg.usable_valid_groups`) is below
+    ``valid_threshold`` (at most ``max_resample_rounds``), and :func:`~grouprl_core.gpg.plan_gpg_batch`
+    picks the groups: valid ones oldest first (carried groups first), then the last round's zero-variance
+    groups; valid groups that do not fit are carried to the next step (at most one batch worth, one
+    optimizer step old). This class only moves DataProto rows. Within a round, groups count in generation
+    order (``first_order`` for the step's batch, which verl has balanced by then; row order for extra rounds
+    and the carry), as TRL counts them in sampling order. The assembled batch has exactly as many rows as
+    the first round, so verl's batch-size invariants hold.
     """
 
     options: GPGOptions
     carry: DataProto | None = None
 
     @staticmethod
-    def _groups(batch: DataProto) -> tuple[list[str], dict[str, list[int]], set[str]]:
+    def _round(batch: DataProto, order: list[str] | None = None) -> tuple[list[str], list[bool]]:
+        """The round's groups (uids, in ``order`` or row order) and whether each is valid (non-equal rewards)."""
         uids = [str(u) for u in batch.non_tensor_batch["uid"]]
-        rows: dict[str, list[int]] = {}
-        for i, u in enumerate(uids):
-            rows.setdefault(u, []).append(i)
-        order = list(rows)
-        zero_var = zero_variance_mask(outcome_rewards(batch).float(), batch_group_ids(batch, "grouprl_gpg"))
-        valid = {u for u in order if not bool(zero_var[rows[u][0]])}
-        return order, rows, valid
+        order = group_order(batch) if order is None else list(order)
+        if sorted(order) != sorted(set(uids)):
+            raise ValueError(f"GPG threshold: the group order names {len(order)} uids, the batch holds other groups")
+        index = {u: k for k, u in enumerate(order)}
+        group_ids = torch.tensor([index[u] for u in uids])
+        return order, group_valid_flags(outcome_rewards(batch).float(), group_ids)
 
-    def assemble(self, first: DataProto, generate_more: Callable[[], DataProto]) -> tuple[DataProto, dict[str, float]]:
+    def assemble(self, first: DataProto, generate_more: Callable[[], DataProto],
+                 first_order: list[str] | None = None) -> tuple[DataProto, dict[str, float]]:
+        """The step's batch from ``first`` (groups in ``first_order``, default row order), the carried groups and
+        extra rounds of ``generate_more()``; returns it and the metrics (TRL's names)."""
         opts = self.options
-        order, _, valid_first = self._groups(first)
-        n_groups = len(order)
         if opts.valid_threshold <= 0:
             return first, {names.GPG_RESAMPLE_ROUNDS: 0.0}
-        rounds: list[DataProto] = []
-        chosen_pool: list[tuple[int, str]] = []  # (round, uid), oldest first
-        if self.carry is not None and opts.carry_over:
-            rounds.append(self.carry)
-            chosen_pool += [(0, u) for u in self._groups(self.carry)[0]]
-        num_carried = len(chosen_pool)
+        rounds, orders, round_valid = [], [], []
+        carried = self.carry is not None and opts.carry_over
+        if carried:
+            order, _ = self._round(self.carry)
+            rounds.append(self.carry), orders.append(order), round_valid.append([True] * len(order))  # valid when kept
         self.carry = None
-        rounds.append(first)
-        chosen_pool += [(len(rounds) - 1, u) for u in order if u in valid_first]
+        order, valid = self._round(first, first_order)
+        rounds.append(first), orders.append(order), round_valid.append(valid)
+        n_groups = len(order)
         extra = 0
-        while min(len(chosen_pool), n_groups) / n_groups < opts.valid_threshold and extra < opts.max_resample_rounds:
+        while gpg_needs_more(usable_valid_groups(round_valid, n_groups) / n_groups, threshold=opts.valid_threshold,
+                             extra_rounds=extra, max_rounds=opts.max_resample_rounds):
             extra += 1
             batch = generate_more()
-            rounds.append(batch)
-            b_order, _, b_valid = self._groups(batch)
-            chosen_pool += [(len(rounds) - 1, u) for u in b_order if u in b_valid]
-        chosen, leftover = chosen_pool[:n_groups], chosen_pool[n_groups:]
-        if len(chosen) < n_groups:  # fill with the last round's zero-variance groups
-            last = len(rounds) - 1
-            taken = {u for r, u in chosen if r == last}
-            fillers = [(last, u) for u in self._groups(rounds[last])[0] if u not in taken]
-            chosen += fillers[: n_groups - len(chosen)]
-        assembled = _select_groups(rounds, chosen)
+            order, valid = self._round(batch)
+            rounds.append(batch), orders.append(order), round_valid.append(valid)
+        plan = plan_gpg_batch(round_valid, n_groups, carry_over=opts.carry_over, carried_round=carried)
+        assembled = _select_groups(rounds, orders, plan.chosen)
         if len(assembled) != len(first):
             raise ValueError(
                 f"GPG threshold: assembled {len(assembled)} rows from groups of unequal size, expected {len(first)}; "
                 "every prompt must have rollout.n responses"
             )
-        if leftover and opts.carry_over:
-            self.carry = _select_groups(rounds, leftover[:n_groups])
-        used_carry = sum(1 for r, _ in chosen if r == 0 and num_carried)
+        if plan.carry:
+            self.carry = _select_groups(rounds, orders, plan.carry)
         return assembled, {
             names.GPG_RESAMPLE_ROUNDS: float(extra),
             names.GPG_EXTRA_PROMPTS: float(extra * n_groups),
-            names.GPG_CARRIED_FRAC: used_carry / n_groups,
+            names.GPG_CARRIED_FRAC: plan.num_carried_used / n_groups,
         }
 
 
-def _select_groups(rounds: list[DataProto], pairs: list[tuple[int, str]]) -> DataProto:
+def _select_groups(rounds: list[DataProto], orders: list[list[str]], pairs: list[tuple[int, int]]) -> DataProto:
+    """The rows of the groups ``pairs`` (``(round, group index in orders[round])``), in the order of ``pairs``."""
     pieces = []
     for r, batch in enumerate(rounds):
-        wanted = {u for rr, u in pairs if rr == r}
+        wanted = [orders[r][k] for rr, k in pairs if rr == r]
         if not wanted:
             continue
-        idx = [i for i, u in enumerate(batch.non_tensor_batch["uid"]) if str(u) in wanted]
+        rows_of: dict[str, list[int]] = {}
+        for i, u in enumerate(batch.non_tensor_batch["uid"]):
+            rows_of.setdefault(str(u), []).append(i)
+        idx = [i for u in wanted for i in rows_of[u]]
         piece = batch.select_idxs(np.asarray(idx, dtype=np.int64))
         # select_idxs shares the round's meta_info (its global_token_num, ...), which DataProto.concat requires
         # to agree across pieces; the rows are copied into the step's batch, which keeps its own meta_info

@@ -4,6 +4,8 @@ It implements the hooks of :class:`grouprl_verl._compat.RayPPOTrainerHooks`, whi
 steps of ``verl.trainer.ppo.ray_trainer.RayPPOTrainer`` that ``fit`` calls at the right moments to named
 hooks; ``fit`` itself is verl's:
 
+* ``before_balance``: GPG records the step's groups in generation order before ``_balance_batch`` sorts the
+  rows by length (the threshold counts a round's groups in that order, as TRL in sampling order).
 * ``prepare_rewards`` (when verl balances the batch or gets a colocated reward model's scores, before
   ``fit`` takes references to the reward extras): the reward-extra arrays become object arrays, so rows
   rewritten later keep full values.
@@ -127,6 +129,7 @@ class GroupRLRayPPOTrainer(RayPPOTrainerHooks):
             self.grouprl_algo == "gpg" and self.grouprl_options.valid_threshold > 0)
         self._resample_loader = None
         self._resample_iter = None
+        self._generation_order = None  # GPG: the step's groups before _balance_batch reordered them
 
     # ------------------------------------------------------------------ workers
     def init_workers(self):
@@ -135,6 +138,13 @@ class GroupRLRayPPOTrainer(RayPPOTrainerHooks):
             actor_config = omega_conf_to_dataclass(self.config.actor_rollout_ref.actor)
             # mirrors ActorRolloutRefWorker.init_model (engine_workers.py:643): partial(ppo_loss, config=actor_config)
             self.actor_rollout_wg.set_loss_fn(partial(losses.grouprl_ppo_loss, config=actor_config))
+
+    # ------------------------------------------------------------------ before verl balances the batch
+    def before_balance(self, batch: DataProto) -> None:
+        # GPG counts a round's groups in generation order (as TRL in sampling order); _balance_batch sorts rows by
+        # length, which would otherwise decide which valid groups train now and which are carried (one step old)
+        if self._gpg_assembler is not None:
+            self._generation_order = hooks.group_order(batch)
 
     # ------------------------------------------------------------------ before fit takes the reward extras
     def prepare_rewards(self, data: DataProto) -> None:
@@ -149,11 +159,13 @@ class GroupRLRayPPOTrainer(RayPPOTrainerHooks):
             metrics, self._gold_rows = self._inject_gold(batch)
             self._grouprl_metrics.update(metrics)
         elif self.grouprl_algo == "gpg" and self.grouprl_options.valid_threshold > 0:
-            assembled, metrics = self._gpg_assembler.assemble(batch, self._generate_round)
+            order = getattr(self, "_generation_order", None)  # None: no balancing, rows are in generation order
+            assembled, metrics = self._gpg_assembler.assemble(batch, self._generate_round, first_order=order)
             if assembled is not batch:
                 if self.config.trainer.balance_batch:
                     self.balance(assembled)  # the DP token balance of the rows trained
                 hooks.replace_in_place(batch, assembled)
+            self._generation_order = None  # used (and the order of the assembled rows is no round's)
             self._grouprl_metrics.update(metrics)
 
     def after_old_log_prob(self, batch: DataProto, old_log_prob: DataProto) -> None:
