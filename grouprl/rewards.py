@@ -13,6 +13,11 @@ Rewards:
 * :func:`format_reward` -- the open-rs ``format`` reward: 1.0 iff the completion contains exactly
   one ``"\\n</think>\\n"`` (open-rs ``src/open_r1/rewards.py``; the ``<think>`` opener is in the
   prompt of R1-distill chat templates, so only the closer is counted).
+* :func:`think_answer_format_reward` -- the open-r1 ``format`` reward of the GPG 7B configs (GPG's
+  open-r1 fork, ``src/open_r1/rewards.py`` ``format_reward``): 1.0 iff the whole completion is
+  ``<think>\n...\n</think>\n<answer>\n...\n</answer>`` (``re.match`` of
+  ``^<think>\n.*?\n</think>\n<answer>\n.*?\n</answer>$`` with DOTALL and MULTILINE, so the
+  answer block must end at a line end). Not the same reward as :func:`format_reward`.
 * :func:`cosine_reward` / :func:`make_cosine_reward` -- the open-rs ``cosine`` reward
   (Yeo et al. 2025, "Demystifying Long Chain-of-Thought Reasoning", as copied into open-r1 and
   open-rs): ``r = lo + 0.5 (hi - lo) (1 + cos(pi * L / L_max))`` with ``L`` the completion length in
@@ -39,7 +44,7 @@ import re
 from typing import Any
 
 __all__ = ["accuracy_reward", "completion_text", "compute_score", "cosine_reward", "format_reward", "is_correct",
-           "last_boxed_content", "make_cosine_reward"]
+           "last_boxed_content", "make_cosine_reward", "think_answer_format_reward"]
 
 
 def _answers():
@@ -111,6 +116,15 @@ def format_reward(completions: list, **kwargs) -> list[float]:
     return [1.0 if completion_text(c).count("\n</think>\n") == 1 else 0.0 for c in completions]
 
 
+THINK_ANSWER_FORMAT = re.compile(r"^<think>\n.*?\n</think>\n<answer>\n.*?\n</answer>$", re.DOTALL | re.MULTILINE)
+
+
+def think_answer_format_reward(completions: list, **kwargs) -> list[float]:
+    """TRL reward (open-r1 ``format``, the GPG 7B configs): 1.0 iff the completion matches
+    :data:`THINK_ANSWER_FORMAT` from its first character (a think block, then an answer block)."""
+    return [1.0 if THINK_ANSWER_FORMAT.match(completion_text(c)) else 0.0 for c in completions]
+
+
 def make_cosine_reward(
     max_len: int = 1000,
     min_value_wrong: float = 0.0,
@@ -164,7 +178,8 @@ def make_cosine_reward(
 cosine_reward = make_cosine_reward()
 
 #: Names the launcher and recipes use for ``reward_funcs``.
-REWARD_FUNCS = {"accuracy": accuracy_reward, "format": format_reward, "cosine": cosine_reward}
+REWARD_FUNCS = {"accuracy": accuracy_reward, "format": format_reward, "cosine": cosine_reward,
+                "think_answer_format": think_answer_format_reward}
 
 
 # ----------------------------------------------------------------------------- verl

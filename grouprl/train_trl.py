@@ -66,6 +66,17 @@ class RecipeArguments:
         metadata={"help": "Drop prompts longer than this many tokens (as the official open-r1 GPG loader does); "
                           "TRL 1.16 has no prompt truncation."},
     )
+    prompt_template: str | None = field(
+        default=None,
+        metadata={"help": "Rebuild every prompt from the dataset's 'problem' column with this `grouprl data` "
+                          "template (e.g. gcpo-guidance: the question, a blank line, GCPO-guidance's format "
+                          "instruction), replacing the prepared prompt."},
+    )
+    raw_prompt: bool = field(
+        default=False,
+        metadata={"help": "Give the trainer each prompt as plain text (the content of its one user message), so TRL "
+                          "applies no chat template, as the official GPG-7B run fed its SimpleRL-Zoo prompts."},
+    )
 
 
 def import_object(dotted: str, what: str):
@@ -178,10 +189,40 @@ def with_system_prompt(prompt, system_prompt: str):
     return [{"role": "system", "content": system_prompt}, *messages]
 
 
+def raw_prompt_text(prompt) -> str:
+    """The plain text of a prompt: a string as is, a conversation of one user message as its content."""
+    if isinstance(prompt, str):
+        return prompt
+    roles = [m.get("role") for m in prompt]
+    if roles != ["user"] or not isinstance(prompt[0].get("content"), str):
+        raise ValueError(
+            f"raw_prompt=true passes each prompt as plain text and needs one user message per prompt; a prompt has "
+            f"roles {roles}. Drop the other messages (system_prompt: null) or set raw_prompt: false."
+        )
+    return prompt[0]["content"]
+
+
 def prepare_dataset(data, recipe_args: RecipeArguments, tokenizer):
-    """Apply ``system_prompt`` and the ``max_prompt_length`` filter, logging how many rows were dropped."""
+    """Apply ``prompt_template``, ``system_prompt``, ``raw_prompt`` and the ``max_prompt_length`` filter (in that
+    order), logging how many rows were dropped."""
+    if recipe_args.prompt_template is not None:
+        from grouprl.data import TEMPLATES
+
+        make_prompt = TEMPLATES.get(recipe_args.prompt_template)
+        if make_prompt is None:
+            known = sorted(name for name, make in TEMPLATES.items() if make is not None)
+            raise ValueError(f"prompt_template={recipe_args.prompt_template!r} is not one of {known}")
+        if "problem" not in data.column_names:
+            raise ValueError(f"prompt_template needs a 'problem' column (prepare the data with `grouprl data "
+                             f"prepare`); the dataset has {data.column_names}")
+        data = data.map(lambda row: {"prompt": make_prompt(row["problem"])})
     if recipe_args.system_prompt is not None:
+        if recipe_args.raw_prompt:
+            raise ValueError("raw_prompt=true passes the user message as plain text, so a system_prompt would be "
+                             "lost; set system_prompt: null (or raw_prompt: false)")
         data = data.map(lambda row: {"prompt": with_system_prompt(row["prompt"], recipe_args.system_prompt)})
+    if recipe_args.raw_prompt:
+        data = data.map(lambda row: {"prompt": raw_prompt_text(row["prompt"])})
     if recipe_args.max_prompt_length is not None:
         limit = recipe_args.max_prompt_length
 

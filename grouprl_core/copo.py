@@ -51,7 +51,8 @@ def answer_keys(answers: list, rewards: list[float]) -> list[str]:
 
     An extracted answer is compared as its raw string (as the official code); a completion with no
     answer (None or blank) stands in with its reward value, ``MISSING_ANSWER_PREFIX + f"{r:.6g}"``
-    (SPEC's fallback), so completions without answers count as equal exactly when their rewards are.
+    (our rule, ``docs/algorithms.md`` COPO), so completions without answers count as equal exactly
+    when their rewards are.
     """
     if len(answers) != len(rewards):
         raise ValueError(f"{len(answers)} answers for {len(rewards)} rewards")

@@ -1,6 +1,6 @@
 """GCPO-gold: "Group Contrastive Policy Optimization: When Contrast Fails, Go Gold"
-(Wu & Liu, arXiv 2510.07790). No official code is public; this follows SPEC.md's
-[PROPOSAL] (RESEARCH.md b.3), and says so.
+(Wu & Liu, arXiv 2510.07790). No official code is public; this is our proposal, written down
+in ``docs/algorithms.md`` (GCPO-gold), and says so.
 
 When every rollout of a prompt is wrong, the group has no contrast and GRPO learns nothing
 from it. GCPO-gold puts the dataset's reference ("gold") solution into such a group as a

@@ -17,6 +17,7 @@ GOLD_INJECTED_FRAC = "gold/injected_frac"  # groups that got a gold member / gro
 GOLD_REWARD_MEAN = "gold/reward_mean"  # mean reward of the gold completions (batches with an injection)
 GOLD_TRUNCATED_FRAC = "gold/truncated_frac"  # gold completions cut at the completion length / injected
 GOLD_SAMPLED_REWARD_MEAN = "gold/sampled_reward_mean"  # mean reward of the rollouts as sampled
+GOLD_BELOW_THRESHOLD_FRAC = "gold/below_threshold_frac"  # injected gold scoring below correct_threshold / injected
 
 # COPO (Han et al., arXiv 2508.04138)
 COPO_CONSISTENCY_ENTROPY = "copo/consistency_entropy"  # mean H_q over prompts (bits)

@@ -14,15 +14,20 @@ A trainer subclasses :class:`GroupRLTrainer` (itself a ``trl.GRPOTrainer``, thro
 * the loss: the policy forward with every input TRL passes (multimodal, MoE aux loss), and the loss
   tail of TRL's ``_compute_loss`` (vLLM importance-sampling correction, k3 KL when ``beta != 0``,
   aggregation with gradient-accumulation scaling, ``router_aux_loss_coef * aux_loss``, entropy / KL /
-  clip metrics); real skipped steps (no graph, so the optimizer moves nothing).
+  clip metrics); real skipped steps (no graph, so the optimizer moves nothing), reported: a warning
+  the first time an optimizer step is skipped and after every ``skip_warning_every`` consecutive
+  skips, with the trainer's ``skip_reason``, and a count of skipped steps when training ends
+  (:class:`SkippedStepReport`).
 """
 
 from __future__ import annotations
 
+import logging
 from typing import ClassVar
 
 import torch
 from accelerate.utils import gather_object
+from transformers import TrainerCallback
 from trl import GRPOConfig
 
 from grouprl_core.losses import aggregate_token_loss, k3_kl
@@ -36,6 +41,9 @@ from ._compat import (
     policy_forward,
 )
 from .rewards import check_reward_matrix, note_failing_reward_function
+from .vllm_support import check_vllm_support
+
+logger = logging.getLogger(__name__)
 
 LOGGED_ROWS = "grouprl_logged_rows"  # batch key: this process's completions-table rows, until they are logged
 UNLOGGED_ROW = {"prompt": None, "completion": None, "rewards": {}, "extra": {}}
@@ -76,19 +84,25 @@ class GroupRLTrainer(TRLHooks):
     """Base of the grouprl TRL trainers (same constructor as ``GRPOTrainer``).
 
     Subclasses set ``config_class``, ``algorithm_name`` (which also names the default output
-    directory) and ``paper``, put their start-up checks and state in :meth:`init_algorithm`, override :meth:`assemble_batch` to replace TRL's advantages and
-    :meth:`algorithm_loss` to replace TRL's loss, and set ``skip_key`` to a batch key that, when
-    True, skips the optimizer step.
+    directory) and ``paper``, put their start-up checks and state in :meth:`init_algorithm`, override
+    :meth:`assemble_batch` to replace TRL's advantages and :meth:`algorithm_loss` to replace TRL's loss,
+    and set ``skip_key`` to a batch key that, when True, skips the optimizer step, with ``skip_reason``
+    saying why (and which field to change) in the warnings of :class:`SkippedStepReport`.
     """
 
     config_class: ClassVar[type] = GRPOConfig
     algorithm_name: ClassVar[str] = "GRPO"
     skip_key: ClassVar[str | None] = None
+    skip_reason: ClassVar[str] = "the algorithm found nothing to learn from in the batch"
+    skip_warning_every: ClassVar[int] = 10  # warn again after this many skipped steps in a row
 
     def __init__(self, model, reward_funcs=None, args=None, **kwargs):
         args = self.resolve_args(model, args)
+        check_vllm_support(args)  # before GRPOTrainer.__init__, which builds the vLLM engine
         super().__init__(model, reward_funcs, args=args, **kwargs)
         self._last_rewards_per_func: torch.Tensor | None = None  # gathered (N, F) of the last scoring
+        self.skipped_steps = SkippedStepReport(self)
+        self.add_callback(self.skipped_steps)
         self.init_algorithm()
 
     def init_algorithm(self) -> None:
@@ -156,14 +170,16 @@ class GroupRLTrainer(TRLHooks):
     # ------------------------------------------------------------------ generation batch
     def build_generation_batch(self, inputs: list[dict]) -> dict:
         """The algorithm's batch (:meth:`assemble_batch`), then its rows with their final advantages
-        into the completions table."""
+        into the completions table (a row whose :data:`LOGGED_ROWS` entry is None, a filler, is left out)."""
         batch = self.assemble_batch(inputs)
         rows = batch.pop(LOGGED_ROWS)
         advantages = batch["advantages"]
         if advantages.dim() == 2:  # token-level advantages: the table shows each row's mean
             mask = self.loss_mask(batch).to(advantages.dtype)
             advantages = (advantages * mask).sum(-1) / mask.sum(-1).clamp(min=1.0)
-        append_logged_rows(self, gather_object(list(rows)), gather_object(advantages.tolist()))
+        shown = [i for i, row in enumerate(rows) if row is not None]
+        values = advantages.tolist()
+        append_logged_rows(self, gather_object([rows[i] for i in shown]), gather_object([values[i] for i in shown]))
         return batch
 
     def assemble_batch(self, inputs: list[dict]) -> dict:
@@ -197,9 +213,12 @@ class GroupRLTrainer(TRLHooks):
     # ------------------------------------------------------------------ loss
     def policy_loss(self, model, inputs: dict) -> torch.Tensor:
         """:meth:`algorithm_loss`, or a real skip when the batch says so (``skip_key``)."""
-        if self.mode == "train" and self.skip_key is not None and bool(inputs.get(self.skip_key, False)):
-            # No forward, no graph: backward leaves every .grad None, so the optimizer step moves nothing.
-            return torch.zeros((), device=self.accelerator.device, requires_grad=True)
+        skip = self.skip_key is not None and bool(inputs.get(self.skip_key, False))
+        if self.mode == "train":
+            self.skipped_steps.micro_batch(skip)
+            if skip:
+                # No forward, no graph: backward leaves every .grad None, so the optimizer step moves nothing.
+                return torch.zeros((), device=self.accelerator.device, requires_grad=True)
         return self.algorithm_loss(model, inputs)
 
     def algorithm_loss(self, model, inputs: dict) -> torch.Tensor:
@@ -286,3 +305,58 @@ class GroupRLTrainer(TRLHooks):
         self.record_metric("clip_ratio/low_mean", self.global_masked_mean(low, mask))
         self.record_metric("clip_ratio/high_mean", self.global_masked_mean(high, mask))
         self.record_metric("clip_ratio/region_mean", self.global_masked_mean(low | high, mask))
+
+
+# ----------------------------------------------------------------------------- skipped steps
+class SkippedStepReport(TrainerCallback):
+    """Counts the optimizer steps a trainer skipped and says so (main process only).
+
+    A step is skipped when every micro-batch of it carried the trainer's ``skip_key`` (the skip is
+    decided on all processes' rows, so every process agrees). Warnings: at the first skipped step,
+    then each time the run of consecutive skips reaches a multiple of ``skip_warning_every``; each
+    names the step(s) and the trainer's ``skip_reason``. When training ends, one line gives the
+    number of skipped steps (a warning when there were any).
+    """
+
+    def __init__(self, trainer: GroupRLTrainer):
+        self.trainer = trainer
+        self.skipped = 0  # optimizer steps skipped in this call of train()
+        self.steps = 0  # optimizer steps seen in this call of train()
+        self.in_a_row = 0
+        self._micro: list[bool] = []  # skip flag of each micro-batch of the current optimizer step
+
+    def micro_batch(self, skipped: bool) -> None:
+        self._micro.append(bool(skipped))
+
+    def _say(self, message: str, level: int = logging.WARNING) -> None:
+        if self.trainer.accelerator.is_main_process:
+            logger.log(level, message)
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self.skipped = self.steps = self.in_a_row = 0
+        self._micro = []
+
+    def on_step_end(self, args, state, control, **kwargs):
+        micro, self._micro = self._micro, []
+        self.steps += 1
+        if not (micro and all(micro)):
+            self.in_a_row = 0
+            return
+        self.skipped += 1
+        self.in_a_row += 1
+        name, reason = self.trainer.algorithm_name, self.trainer.skip_reason
+        every = self.trainer.skip_warning_every
+        if self.skipped == 1:
+            self._say(f"{name} skipped optimizer step {state.global_step}: {reason}. A skipped step counts for "
+                      "global_step and the learning-rate schedule but changes no weight.")
+        elif self.in_a_row % every == 0:
+            first = state.global_step - self.in_a_row + 1
+            self._say(f"{name} skipped {self.in_a_row} optimizer steps in a row (steps {first}-{state.global_step}; "
+                      f"{self.skipped} of {self.steps} so far): {reason}.")
+
+    def on_train_end(self, args, state, control, **kwargs):
+        if self.skipped:
+            self._say(f"{self.trainer.algorithm_name} skipped {self.skipped} of {self.steps} optimizer steps "
+                      f"({self.trainer.skip_reason}).")
+        elif self.trainer.skip_key is not None:
+            self._say(f"{self.trainer.algorithm_name} skipped 0 of {self.steps} optimizer steps.", logging.INFO)

@@ -26,7 +26,8 @@ TRL's shuffle and split of the generation batch (``shuffle_sequence_dict``,
 Answers: the default extractor (:func:`grouprl_core.answers.final_answer`, also verl's ``pred``) returns
 the string the training reward extracts (``\\boxed{..}``, ``Answer: ..``), uncanonicalised as in
 the official code. When it finds nothing for a completion, that completion's answer is its
-reward value (SPEC's fallback, :func:`grouprl_core.copo.answer_keys`), counted in ``copo/extract_fallback_frac`` and warned about once.
+reward value (our rule, ``docs/algorithms.md`` COPO; :func:`grouprl_core.copo.answer_keys`), counted
+in ``copo/extract_fallback_frac`` and warned about once.
 
 Metrics: ``copo/consistency_entropy`` (mean H_q over prompts, bits), ``copo/gate_mean`` (mean
 w_q), ``copo/global_adv_std`` (std_B R, the global advantage's normaliser; 0 means no global

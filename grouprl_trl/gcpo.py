@@ -2,9 +2,10 @@
 ``GRPOConfig``.
 
 Paper: Wu & Liu, "Group Contrastive Policy Optimization: When Contrast Fails, Go Gold"
-(arXiv 2510.07790). No official code is public: this implements SPEC.md's **[PROPOSAL]** as
-written. The planning math lives in :mod:`grouprl_core.gold`, the advantage in
-:mod:`grouprl_core.grpo`; this module moves TRL's lists and tensors in and out.
+(arXiv 2510.07790). No official code is public: this implements our reading of the paper, written
+down in ``docs/algorithms.md`` (GCPO-gold) as a proposal. The planning math lives in
+:mod:`grouprl_core.gold`, the advantage in :mod:`grouprl_core.grpo`; this module moves TRL's lists
+and tensors in and out.
 
 What changes compared with GRPO (training only; evaluation rollouts are left as sampled):
 
@@ -26,8 +27,14 @@ What changes compared with GRPO (training only; evaluation rollouts are left as 
   ``_get_per_token_logps_and_entropies`` TRL uses, rewards from the same reward functions),
   and the advantages of the whole batch are recomputed from explicit group ids with
   :func:`grouprl_core.grpo.grpo_advantages` (``(r - mean_g) / (std_g + 1e-4)``, groups of G
-  or G+1). The process that holds a group's last member gets its gold row, so processes can
-  hold different row counts; micro-batches are split with sizes differing by at most one row;
+  or G+1). The process that holds a group's last member gets its gold row; every process then
+  holds the same number of rows (TRL's loss and metrics gather per-row tensors across
+  processes), the processes with fewer gold rows padding with filler rows whose loss mask and
+  advantage are 0 (not in the completions table, not counted by any normaliser). The loss is
+  written here for "append" (TRL's clipped ratio, token or sequence level, KL, vLLM correction,
+  MoE aux loss) so that fillers carry no weight: ``loss_type="grpo"`` averages sequences over the
+  whole generation batch of all processes, ``"dapo"`` averages tokens the same way (other loss
+  types are refused with "append"). Micro-batches are split with sizes differing by at most one row;
 - the gold tokens are ``tokenizer(text, add_special_tokens=False)`` plus EOS, or, when that is
   longer than ``max_completion_length``, the first ``max_completion_length`` tokens without EOS
   (exactly what a cut-off sampled completion looks like; ``mask_truncated_completions`` then
@@ -52,8 +59,12 @@ rewards agree). With ``"append"`` only the gold rows are scored a second time.
 Metrics (global over processes): ``gold/injected_frac`` (groups that got a gold member /
 groups), ``gold/sampled_reward_mean`` (mean weighted reward of the rollouts as sampled, before
 any injection: the policy's reward, comparable with GRPO's ``reward``), and, on batches with an
-injection, ``gold/reward_mean`` (mean weighted reward of the gold completions) and
-``gold/truncated_frac`` (gold completions cut at ``max_completion_length``). TRL's own reward
+injection, ``gold/reward_mean`` (mean weighted reward of the gold completions),
+``gold/truncated_frac`` (gold completions cut at ``max_completion_length``) and
+``gold/below_threshold_frac`` (gold completions scoring below ``correct_threshold``: their group
+still has no correct member). The first gold completion that scores below the threshold also
+logs a warning naming the likely cause (cut at ``max_completion_length``, ``gold_template``, or a
+reward function that does not parse it) and the field to change. TRL's own reward
 metrics describe the scored batch: with ``"replace"`` it holds the gold completions (so TRL's
 ``reward`` is inflated by them), with ``"append"`` the G sampled rollouts only.
 
@@ -65,6 +76,7 @@ Not supported with ``"append"``: tools / environments and multimodal rows (clear
 
 from __future__ import annotations
 
+import logging
 import math
 from dataclasses import dataclass, field
 
@@ -84,6 +96,7 @@ from grouprl_core.gold import (
 )
 from grouprl_core.groups import contiguous_group_ids
 from grouprl_core.grpo import GRPO_STD_EPS, grpo_advantages
+from grouprl_core.losses import aggregate_token_loss, clipped_surrogate_loss, importance_ratio
 
 from ._compat import (
     MULTIMODAL_KEYS,
@@ -95,18 +108,24 @@ from ._compat import (
     shuffle_rows,
     text_tokenizer,
 )
-from .base import LOGGED_ROWS, GroupRLTrainer
+from .base import LOGGED_ROWS, GroupRLTrainer, unsupported_grpo_fields
 from .batching import batch_size_of, select_and_concat, split_rows_evenly
 
 __all__ = ["DEFAULT_GOLD_TEMPLATE", "GCPOConfig", "GCPOTrainer", "render_gold"]
 
+logger = logging.getLogger(__name__)
+
 GSPO_EPSILON, GSPO_EPSILON_HIGH = 3e-4, 4e-4  # GSPO's sequence-ratio clip range
 TRL_EPSILON = 0.2  # GRPOConfig's default for the token ratio
+# "append": loss_type -> aggregation of the loss written here (both normalised over the generation batch)
+APPEND_AGGREGATION = {"grpo": "seq-mean-token-mean", "dapo": "token-mean"}
+APPEND_UNSUPPORTED = unsupported_grpo_fields("GCPOTrainer with gold_placement='append'")
+NUM_SEQS = "gold_num_sequences"  # batch key ("append"): sequences with a loss token, all processes
 
 
 @dataclass
 class GCPOConfig(GRPOConfig):
-    r"""Configuration for :class:`GCPOTrainer` (GCPO-gold, a [PROPOSAL] of SPEC.md): every
+    r"""Configuration for :class:`GCPOTrainer` (GCPO-gold, a proposal: no official code): every
     ``GRPOConfig`` field plus the fields below. Defaults changed from GRPO:
     ``importance_sampling_level="sequence"`` and ``loss_type="grpo"`` (GSPO: one clipped ratio
     ``s_i = exp(mean_t(log pi_theta - log pi_old))`` per sequence, sequences weighted equally) and
@@ -193,12 +212,23 @@ class GCPOConfig(GRPOConfig):
                 f"multi_objective_aggregation={self.multi_objective_aggregation!r} is not supported with it. "
                 "Use multi_objective_aggregation='sum_then_normalize' or gold_placement='replace'."
             )
+        if self.gold_placement == "append":
+            if self.loss_type not in APPEND_AGGREGATION:
+                raise ValueError(
+                    f"loss_type={self.loss_type!r} is not supported with gold_placement='append' (its loss must give "
+                    f"the filler rows that even out the processes no weight); use one of {list(APPEND_AGGREGATION)} "
+                    "or gold_placement='replace'."
+                )
+            for name, (accepted, why) in APPEND_UNSUPPORTED.items():
+                if getattr(self, name) not in accepted:
+                    raise ValueError(f"{name}={getattr(self, name)!r}: {why}; leave it at {accepted[0]!r} or use "
+                                     "gold_placement='replace'.")
         super().__post_init__()
 
 
 
 class GCPOTrainer(GroupRLTrainer):
-    """GCPO-gold on top of TRL's ``GRPOTrainer`` (same constructor). A [PROPOSAL] of SPEC.md.
+    """GCPO-gold on top of TRL's ``GRPOTrainer`` (same constructor). A proposal (no official code).
 
     When every rollout of a prompt is wrong, the prompt's reference solution joins the group
     (replacing its last rollout, or as member G+1), is scored by the same reward functions and
@@ -220,6 +250,7 @@ class GCPOTrainer(GroupRLTrainer):
             )
         self._gold_inputs: list[dict] | None = None  # dataset rows of the batch being generated (train only)
         self._gold_state: dict | None = None  # what generate_rollouts injected, read by score_completions
+        self._warned_below_threshold = False
 
     # ------------------------------------------------------------------ helpers
     def _gold_tokens(self, reference) -> tuple[list[int], bool] | None:
@@ -267,8 +298,35 @@ class GCPOTrainer(GroupRLTrainer):
         if sampled_rewards is not None:  # the policy's own reward, comparable with GRPO's "reward"
             self.record_metric(names.GOLD_SAMPLED_REWARD_MEAN, sampled_rewards.float().mean().item(), "train")
         if num_injected > 0:
+            below = gold_rewards < self.args.correct_threshold
             self.record_metric(names.GOLD_REWARD_MEAN, gold_rewards.float().mean().item(), "train")
             self.record_metric(names.GOLD_TRUNCATED_FRAC, num_truncated / num_injected, "train")
+            self.record_metric(names.GOLD_BELOW_THRESHOLD_FRAC, below.float().mean().item(), "train")
+            if below.any() and not self._warned_below_threshold:
+                self._warned_below_threshold = True
+                self._warn_below_threshold(int(below.sum()), num_injected, num_truncated, float(gold_rewards.min()))
+
+    def _warn_below_threshold(self, num_below: int, num_injected: int, num_truncated: int, lowest: float) -> None:
+        """Once per run: gold that does not count as correct leaves its group without contrast."""
+        if not self.accelerator.is_main_process:
+            return
+        args = self.args
+        if num_truncated:
+            cause = (f"{num_truncated} of them were cut at max_completion_length={self.max_completion_length} "
+                     f"(gold/truncated_frac {num_truncated / num_injected:g}): raise max_completion_length, or use "
+                     "a shorter gold_template / reference_column")
+        else:
+            cause = "none was cut, so the reward functions do not accept the rendered gold"
+        logger.warning(
+            "GCPO-gold: %d of %d injected gold completions scored below correct_threshold=%g (lowest %g), so their "
+            "groups still have no correct member and no signal. Likely cause: %s. Otherwise check that "
+            "gold_template=%r renders a completion your reward functions score as correct from the column "
+            "reference_column=%r (the default template expects a final answer there; use '{solution}' for a full "
+            "worked completion), that the reward function parses it, and that correct_threshold fits the reward "
+            "scale. Counted per step in %s; this warning is not repeated.",
+            num_below, num_injected, args.correct_threshold, lowest, cause, args.gold_template,
+            args.reference_column, names.GOLD_BELOW_THRESHOLD_FRAC,
+        )
 
     # ------------------------------------------------------------------ hooks
     def assemble_batch(self, inputs):
@@ -283,6 +341,8 @@ class GCPOTrainer(GroupRLTrainer):
             self._gold_state = None
         if training and self.args.gold_placement == "append":
             batch = self._append_gold(inputs, batch)
+            has_tokens = (self.loss_mask(batch).sum(-1) > 0).sum()
+            batch[NUM_SEQS] = self.accelerator.gather(has_tokens).sum()
         return batch
 
     def generate_rollouts(self, prompts):
@@ -389,6 +449,7 @@ class GCPOTrainer(GroupRLTrainer):
         texts = [self._gold_completion_text(ids, p) for ids, p in zip(gold_ids, prompts)]
         pad_row = anchors[0] if anchors else 0
         pad_ids = gold_ids[0] if anchors else output["completion_ids"][0][output["completion_mask"][0].bool()].tolist()
+        pad_ids = pad_ids or [text_tokenizer(self).eos_token_id]
         pad_text = texts[0] if anchors else self._gold_completion_text(pad_ids, inputs[0]["prompt"])
         n_pad = max_count - len(anchors)
         scores = self.checked_scores(
@@ -409,27 +470,30 @@ class GCPOTrainer(GroupRLTrainer):
         all_groups = torch.cat([group_ids, plan.groups.to(group_ids.device)])
         advantages = grpo_advantages(all_rewards, all_groups, scale=self.scale_rewards, eps=GRPO_STD_EPS)
         self.set_advantages(output, self.local_rows(advantages, num_local))
-        merged = output
-        if anchors:
-            offset = num_global + sum(counts[: self.accelerator.process_index])
-            local_scores = scores[self.accelerator.process_index * max_count :][: len(anchors)]
-            logged = [
-                {"prompt": p, "completion": t, "extra": {},
-                 "rewards": dict(zip(self.reward_func_names, row.tolist()))}
-                for p, t, row in zip(prompts, texts, local_scores)
-            ]
-            gold_batch = self._gold_rows(output, anchors, gold_ids, [t for _, t in gold], logged)
-            self.set_advantages(gold_batch, advantages[offset : offset + len(anchors)])
-            merged = select_and_concat(
-                [(output, list(range(num_local))), (gold_batch, list(range(len(anchors))))],
-                text_tokenizer(self).pad_token_id,
-            )
-        self.recount_items(merged)  # every process: the global token count changed even where no gold row was added
+        # Every process adds max_count rows, so all hold the same number (TRL gathers per-row tensors in
+        # its loss); the rows past this process's gold ones are fillers: loss mask 0, advantage 0, no table row.
+        offset = num_global + sum(counts[: self.accelerator.process_index])
+        local_scores = scores[self.accelerator.process_index * max_count :][: len(anchors)]
+        logged = [
+            {"prompt": p, "completion": t, "extra": {}, "rewards": dict(zip(self.reward_func_names, row.tolist()))}
+            for p, t, row in zip(prompts, texts, local_scores)
+        ]
+        gold_batch = self._gold_rows(
+            output, anchors + [pad_row] * n_pad, gold_ids + [pad_ids] * n_pad,
+            [t for _, t in gold] + [False] * n_pad, logged + [None] * n_pad, num_real=len(anchors),
+        )
+        fill = torch.zeros(n_pad, device=device)
+        self.set_advantages(gold_batch, torch.cat([advantages[offset : offset + len(anchors)].to(device), fill]))
+        merged = select_and_concat(
+            [(output, list(range(num_local))), (gold_batch, list(range(max_count)))], text_tokenizer(self).pad_token_id
+        )
+        self.recount_items(merged)  # fillers have no loss token: the global count is the real rows'
         return merged
 
     def _gold_rows(self, output: dict, anchors: list[int], gold_ids: list[list[int]], truncated: list[bool],
-                   logged_rows: list[dict]) -> dict:
-        """TRL-shaped tensors for the appended gold rows (same keys as ``output``)."""
+                   logged_rows: list[dict | None], num_real: int) -> dict:
+        """TRL-shaped tensors for the appended gold rows (same keys as ``output``); rows from ``num_real`` on
+        are fillers (loss mask 0)."""
         device = self.accelerator.device
         idx = torch.tensor(anchors, device=device)
         width = max(len(ids) for ids in gold_ids)
@@ -438,7 +502,7 @@ class GCPOTrainer(GroupRLTrainer):
         completion_mask = torch.zeros((len(anchors), width), dtype=output["completion_mask"].dtype, device=device)
         for r, ids in enumerate(gold_ids):
             completion_ids[r, : len(ids)] = torch.tensor(ids, device=device)
-            if not (self.mask_truncated_completions and truncated[r]):
+            if r < num_real and not (self.mask_truncated_completions and truncated[r]):
                 completion_mask[r, : len(ids)] = 1
         batch = {
             "prompt_ids": output["prompt_ids"][idx],
@@ -471,6 +535,30 @@ class GCPOTrainer(GroupRLTrainer):
         # The same call and no-grad / no-checkpointing context as TRL's old / reference log-prob passes.
         with scoring_context(self):
             return policy_forward(self, model, batch, batch_size=self.args.per_device_train_batch_size).logps
+
+    # ------------------------------------------------------------------ "append" loss
+    def algorithm_loss(self, model, inputs):
+        """TRL's loss, except in "append" training: the same clipped ratio objective (token or sequence
+        level, ``epsilon`` / ``epsilon_high``), KL, vLLM correction and aux loss through the base's loss
+        tail, aggregated over the generation batch of all processes (:data:`APPEND_AGGREGATION`), so the
+        filler rows weigh nothing and any split of rows over processes gives the same update."""
+        if self.args.gold_placement != "append" or self.mode != "train":
+            return super().algorithm_loss(model, inputs)
+        mask = self.loss_mask(inputs)
+        out = self.forward_policy(model, inputs)
+        ratio = importance_ratio(out.logps, self.old_logps(inputs, out.logps), mask, self.importance_sampling_level)
+        per_token_loss = clipped_surrogate_loss(ratio, inputs["advantages"], self.epsilon_low, self.epsilon_high)
+        self.log_clip_metrics(ratio, mask, inputs["advantages"])
+        return self.finish_loss(per_token_loss, inputs, out, agg=APPEND_AGGREGATION[self.loss_type], ratio=ratio)
+
+    def aggregate_loss(self, per_token_loss, mask, inputs, agg):
+        """Sequence mean with a global normaliser (as the base's token mean): the sequences with a loss token
+        in the generation batch of all processes, rescaled to one accumulation window of one process."""
+        if agg != "seq-mean-token-mean" or NUM_SEQS not in inputs:
+            return super().aggregate_loss(per_token_loss, mask, inputs, agg)
+        total = inputs[NUM_SEQS].clamp(min=1.0) / self.accelerator.num_processes
+        total = total * self.current_gradient_accumulation_steps / self.args.steps_per_generation
+        return aggregate_token_loss(per_token_loss, mask, agg, total_seqs=total)
 
     def next_micro_batch(self, generation_batch):
         """TRL's buffering, but for "append" the generation batch may not divide evenly, so it is split

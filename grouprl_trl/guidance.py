@@ -22,11 +22,15 @@ What changes compared with GRPO:
   entropy penalty ``entropy_penalty_coef * mean(-logp)`` (same token-mean);
 - dynamic filter (DAPO online filtering): groups whose mean accuracy is <= 0.01 or >= 0.99 are
   removed from the batch before the update (their rows are not forwarded at all). "Accuracy"
-  is the weighted total reward, or the reward function named by ``accuracy_reward``; a reward
-  of None/NaN from one function counts as 0 (a completion no function scored, or an inf
-  reward, is an error). When no group survives on any process the optimizer step is
-  skipped for real (no backward graph, so AdamW moves nothing; the step still counts for
-  ``global_step`` and the LR schedule).
+  is the value of one reward function, as the official filter reads the reward's per-sample
+  ``accuracy`` field: the function named by ``accuracy_reward``, or the only reward function
+  when there is one. It must be a correctness score in [0, 1]: several reward functions without
+  ``accuracy_reward``, or a reward model as the accuracy, are start-up errors, and a scored
+  value outside [0, 1] is an error naming the field (a reward of 0-5, or a reward model's score,
+  would otherwise drop every group and skip every step). A None/NaN from the accuracy function
+  on a row another function scored counts as 0. When no group survives on any process the
+  optimizer step is skipped for real (no backward graph, so AdamW moves nothing; the step still
+  counts for ``global_step`` and the LR schedule), with a warning (see ``GroupRLTrainer``).
 
 Documented deviations / choices:
 - ``weights_from="old_policy"`` computes the weights once per generation batch, from no-grad
@@ -48,18 +52,21 @@ sequence advantage ``A_i`` (0 for the filler rows of the filter).
 
 Metrics: ``guidance/weight_max``, ``guidance/divergence_mean``, ``guidance/kept_frac`` (groups
 kept by the filter), ``guidance/skipped_step``, plus TRL's reward, entropy and clip metrics.
-``credit_map_every=N`` writes an HTML page of a few completions with tokens coloured by their
-weight to ``output_dir/credit_maps/`` every N optimizer steps.
+``credit_map_every=N`` writes ``output_dir/credit_maps/step_{S:06d}.html`` for every generation
+batch whose first update is optimizer step S (the step number the logs show) with S a multiple
+of N (:mod:`grouprl_trl.credit_map`): the rows of the whole generation batch (all micro-batches
+and processes, padding and filter fillers removed) with the weights and divergences the update
+used, so every group is complete.
 """
 
 from __future__ import annotations
 
-import html
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+from accelerate.utils import gather_object
 from trl import GRPOConfig
 
 from grouprl_core import names
@@ -83,9 +90,11 @@ from grouprl_core.losses import clipped_surrogate_loss, importance_ratio
 
 from ._compat import pad_rows, policy_forward, scoring_context, text_tokenizer, tokenize_prompts
 from .base import GroupRLConfigMixin, GroupRLTrainer, unsupported_grpo_fields
+from .credit_map import write_credit_map
 
 WEIGHTS_FROM = ("current", "old_policy")
-CREDIT_MAP_ROWS = 4
+# batch keys of the credit map: (B,) reward and group id per row, 0-dim step number (-1: no page)
+CREDIT_REWARD, CREDIT_GROUP, CREDIT_STEP = "guidance_reward", "guidance_group", "guidance_credit_step"
 __all__ = ["EMPTY_PROMPT", "WRONG_ANSWER_SUFFIX", "GuidanceGCPOConfig", "GuidanceGCPOTrainer"]
 
 
@@ -128,8 +137,8 @@ class GuidanceGCPOConfig(GroupRLConfigMixin, GRPOConfig):
     accuracy_reward: str | None = field(
         default=None,
         metadata={
-            "help": "Name of the reward function whose value is the 'accuracy' of the dynamic filter; "
-            "None uses the weighted total reward."
+            "help": "Name of the reward function whose value (a correctness score in [0, 1]) is the 'accuracy' "
+            "the dynamic filter reads; None: the only reward function (with several, name one)."
         },
     )
     negative_prompt_type: str = field(
@@ -222,14 +231,42 @@ class GuidanceGCPOTrainer(GroupRLTrainer):
     algorithm_name = "GCPO-guidance"
     paper = {"title": "Guidance Contrastive Token Credit Assignment for Discrete Policy Optimization", "id": "2605.29198"}
     skip_key = "guidance_skip"
+    skip_reason = (
+        "the dynamic filter dropped every group (no group's mean accuracy is strictly between 0.01 and 0.99: "
+        "every prompt was solved by all or by none of its completions). Check that accuracy_reward is a 0/1 "
+        "correctness reward, use prompts the model solves sometimes, or set dynamic_filter=False"
+    )
 
     def init_algorithm(self):
-        accuracy_reward = self.args.accuracy_reward
-        if accuracy_reward is not None and accuracy_reward not in self.reward_func_names:
+        if self.args.dynamic_filter:
+            self._accuracy_column = self._accuracy_reward_index()
+        self._credit_rows: list[dict] = []  # this process's rows of the credit-map batch being collected
+        self._credit_micro_batches = 0
+        self._credit_maps_written: set[int] = set()
+
+    def _accuracy_reward_index(self) -> int:
+        """Column of the reward the dynamic filter reads (``accuracy_reward``, or the only function)."""
+        names_ = list(self.reward_func_names)
+        name = self.args.accuracy_reward
+        if name is None:
+            if len(names_) > 1:
+                raise ValueError(
+                    f"accuracy_reward is not set and there are {len(names_)} reward functions {names_}: the dynamic "
+                    "filter needs a correctness score in [0, 1] (the official filter reads the 'accuracy' field). "
+                    "Set accuracy_reward to the name of the 0/1 correctness reward, or dynamic_filter=False."
+                )
+            index = 0
+        elif name not in names_:
+            raise ValueError(f"accuracy_reward={name!r} is not one of the reward functions {names_}")
+        else:
+            index = names_.index(name)
+        if isinstance(self.reward_funcs[index], torch.nn.Module):
             raise ValueError(
-                f"accuracy_reward={accuracy_reward!r} is not one of the reward functions {self.reward_func_names}"
+                f"the dynamic filter would read the reward model {names_[index]!r} as accuracy, but its scores are "
+                "not a correctness score in [0, 1] (every group would be dropped). Add a 0/1 correctness reward "
+                "function and name it in accuracy_reward, or set dynamic_filter=False."
             )
-        self._last_credit_map_step = -1
+        return index
 
     # ------------------------------------------------------------------ generation side
     def _negative_prompt_tensors(self, inputs: list[dict]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -256,20 +293,30 @@ class GuidanceGCPOTrainer(GroupRLTrainer):
         return ids.to(device), masks.to(device)
 
     def _accuracy(self) -> torch.Tensor:
-        """Gathered ``(N_global,)`` accuracy of the last scored batch (NaN counts as 0)."""
-        rpf = self._last_rewards_per_func
-        if self.args.accuracy_reward is not None:
-            accuracy = rpf[:, self.reward_func_names.index(self.args.accuracy_reward)]
-        else:
-            accuracy = self.weighted_rewards(rpf)
-        return torch.nan_to_num(accuracy, nan=0.0)
+        """Gathered ``(N_global,)`` accuracy of the last scored batch (NaN counts as 0), checked to lie in [0, 1]."""
+        column = self._accuracy_column
+        accuracy = torch.nan_to_num(self._last_rewards_per_func[:, column], nan=0.0)
+        outside = (accuracy < 0.0) | (accuracy > 1.0)
+        if outside.any():
+            name = self.reward_func_names[column]
+            source = f"accuracy_reward={name!r}" if self.args.accuracy_reward else f"the only reward function {name!r}"
+            raise ValueError(
+                f"the dynamic filter reads {source} as accuracy and keeps groups whose mean accuracy is strictly "
+                f"between {FILTER_LOW} and {FILTER_HIGH}, but {int(outside.sum())} of {accuracy.numel()} values lie "
+                f"outside [0, 1] (e.g. {float(accuracy[outside][0]):g}); every group would be dropped. Set "
+                "accuracy_reward to a reward function returning 1.0 for a correct and 0.0 for a wrong completion "
+                "(add one if needed), or dynamic_filter=False."
+            )
+        return accuracy
 
     def assemble_batch(self, inputs):
-        """TRL's batch, then the negative prompts, the dynamic filter (train only) and, with
-        ``weights_from="old_policy"``, the token weights."""
+        """TRL's batch, then the negative prompts, the credit-map columns, the dynamic filter (train only)
+        and, with ``weights_from="old_policy"``, the token weights."""
         batch = super().assemble_batch(inputs)
         batch["neg_prompt_ids"], batch["neg_prompt_mask"] = self._negative_prompt_tensors(inputs)
         mode = self.mode
+        if mode == "train" and self.args.credit_map_every > 0:
+            self._add_credit_map_columns(batch)
         if mode == "train" and self.args.dynamic_filter:
             batch = self._dynamic_filter(batch, self._accuracy())
         if self.args.weights_from == "old_policy" and not bool(batch.get(self.skip_key, False)):
@@ -360,49 +407,57 @@ class GuidanceGCPOTrainer(GroupRLTrainer):
         penalty = coef * (-out.logps) if coef != 0.0 else None
         self.log_clip_metrics(ratio, mask, advantages)
         loss = self.finish_loss(per_token_loss, inputs, out, agg="token-mean", ratio=ratio, extra=penalty)
-        if self.mode == "train" and self.args.credit_map_every > 0:
-            self._maybe_write_credit_map(inputs, weights, divergence, mask)
+        if self.mode == "train" and int(inputs.get(CREDIT_STEP, -1)) >= 0:
+            self._collect_credit_map(inputs, weights, divergence, mask)
         return loss
 
     # ------------------------------------------------------------------ credit maps
-    def _maybe_write_credit_map(self, inputs, weights, divergence, mask):
-        step = self.state.global_step
-        if step % self.args.credit_map_every != 0 or step == self._last_credit_map_step:
-            return
-        self._last_credit_map_step = step
-        if not self.accelerator.is_main_process:
-            return
-        path = Path(self.args.output_dir) / "credit_maps" / f"step_{step:06d}.html"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(self._credit_map_html(inputs, weights, divergence, mask, step), encoding="utf-8")
+    def _add_credit_map_columns(self, batch: dict) -> None:
+        """Each row's weighted reward and group id as ``(B,)`` tensors, so they follow the rows through the
+        filter and TRL's shuffle and split; the page's step number (0-dim; -1 when no page is due)."""
+        n = batch["completion_ids"].size(0)
+        device = batch["completion_ids"].device
+        rewards = self.weighted_rewards(self._last_rewards_per_func)
+        batch[CREDIT_REWARD] = self.local_rows(rewards, n).to(device=device, dtype=torch.float32)
+        rows = torch.arange(n, device=device) + self.accelerator.process_index * n
+        batch[CREDIT_GROUP] = rows // self.num_generations
+        step = self.state.global_step + 1  # the step of this batch's first update, as the logs number it
+        due = step % self.args.credit_map_every == 0 and step not in self._credit_maps_written
+        batch[CREDIT_STEP] = torch.tensor(step if due else -1, device=device)
 
-    def _credit_map_html(self, inputs, weights, divergence, mask, step: int) -> str:
-        """A small HTML page: a few completions, each token's background as dark as its weight."""
+    def _collect_credit_map(self, inputs, weights, divergence, mask) -> None:
+        """Keep this micro-batch's rows; after the generation batch's last micro-batch, gather every
+        process's rows and write the page (main process). Every process calls this at the same
+        micro-batches, so the gather lines up."""
+        step = int(inputs[CREDIT_STEP])
+        if step in self._credit_maps_written:  # num_iterations > 1: the batch is trained again
+            return
         tok = text_tokenizer(self)
-        rows = [i for i in range(mask.size(0)) if mask[i].any()][:CREDIT_MAP_ROWS]
-        parts = [
-            "<!doctype html><meta charset='utf-8'><title>GCPO-guidance credit map</title>",
-            "<style>body{font-family:monospace} span{padding:1px;margin:1px;border-radius:3px}</style>",
-            f"<h3>GCPO-guidance token credit, step {step}</h3>",
-            "<p>Background = token weight w (mean 1 per completion; darker = more credit). "
-            "Hover for w and the k3 divergence d.</p>",
-        ]
-        for i in rows:
+        for i in range(mask.size(0)):
             valid = mask[i].bool()
-            w, d = weights[i][valid].float().tolist(), divergence[i][valid].float().tolist()
-            ids = inputs["completion_ids"][i][valid].tolist()
-            prompt = tok.decode(inputs["prompt_ids"][i][inputs["prompt_mask"][i].bool()].tolist())
-            top = max(w) if w else 1.0
-            spans = []
-            for token_id, wi, di in zip(ids, w, d, strict=True):
-                alpha = 0.05 + 0.85 * wi / top if top > 0 else 0.05
-                text = html.escape(tok.decode([token_id])).replace("\n", "&#8629;") or "&#9251;"
-                spans.append(
-                    f"<span style='background:rgba(220,40,40,{alpha:.2f})' title='w={wi:.3f} d={di:.4f}'>{text}</span>"
-                )
-            parts.append(
-                f"<p><b>A = {float(inputs['advantages'][i]):+.3f}</b> &nbsp; prompt: {html.escape(prompt)}<br>"
-                + "".join(spans)
-                + "</p>"
+            if not valid.any():  # a filler row of the dynamic filter
+                continue
+            prompt_ids = inputs["prompt_ids"][i][inputs["prompt_mask"][i].bool()].tolist()
+            self._credit_rows.append({
+                "completion": [tok.decode([t]) for t in inputs["completion_ids"][i][valid].tolist()],
+                "weights": weights[i][valid].float().tolist(),
+                "divergences": divergence[i][valid].float().tolist(),
+                "reward": float(inputs[CREDIT_REWARD][i]),
+                "advantage": float(inputs["advantages"][i]),
+                "group": int(inputs[CREDIT_GROUP][i]),
+                "prompt": tok.decode(prompt_ids, skip_special_tokens=True),
+            })
+        self._credit_micro_batches += 1
+        if self._credit_micro_batches < self.args.steps_per_generation:
+            return
+        rows = gather_object(self._credit_rows)
+        self._credit_rows, self._credit_micro_batches = [], 0
+        self._credit_maps_written.add(step)
+        if self.accelerator.is_main_process:
+            write_credit_map(
+                Path(self.args.output_dir) / "credit_maps", step,
+                completions=[r["completion"] for r in rows], weights=[r["weights"] for r in rows],
+                divergences=[r["divergences"] for r in rows], rewards=[r["reward"] for r in rows],
+                advantages=[r["advantage"] for r in rows], group_ids=[r["group"] for r in rows],
+                prompts=[r["prompt"] for r in rows],
             )
-        return "\n".join(parts)

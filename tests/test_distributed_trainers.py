@@ -50,7 +50,8 @@ def _train(algo: str, out_dir: str, per_device_rows: int) -> dict:
     trainer_cls, config_cls, extra = {
         "gpg": (GPGTrainer, GPGConfig, {"valid_threshold": 0.0}),
         # the dynamic filter is off so that the zero-variance groups stay in the batch
-        "guidance": (GuidanceGCPOTrainer, GuidanceGCPOConfig, {"dynamic_filter": False}),
+        # (credit maps: the page of step 2 gathers the rows of both processes)
+        "guidance": (GuidanceGCPOTrainer, GuidanceGCPOConfig, {"dynamic_filter": False, "credit_map_every": 2}),
     }[algo]
     trainer_cls = type(f"Scripted{trainer_cls.__name__}", (ScriptedGeneration, trainer_cls), {})
     tok = build_tokenizer()
@@ -112,3 +113,7 @@ def test_two_processes_match_one_process(tmp_path, algo):
         for name, value in single["params"].items():  # DDP-averaged gradients = one-process gradients
             torch.testing.assert_close(res["params"][name], value, rtol=1e-4, atol=1e-6)
     assert single["log"]["loss"][0] != 0.0  # a real update happened (not two skipped steps)
+    if algo == "guidance":  # one page per run, written once (main process), with the rows of both processes
+        for run in (tmp_path / "single", tmp_path / "ddp"):
+            assert sorted(p.name for p in (run / "credit_maps").iterdir()) == ["step_000002.html"]
+            assert "Step 2: 16 completions in 4 groups" in (run / "credit_maps" / "step_000002.html").read_text()

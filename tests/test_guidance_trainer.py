@@ -66,10 +66,42 @@ def test_trains_logs_metrics_and_writes_credit_maps(tmp_path, weights_from):
     assert kept == [1.0, 1.0, 1.0]  # alternating rewards: no group is all-wrong or all-right
     assert _logged(trainer, "guidance/skipped_step") == [0.0, 0.0, 0.0]
     assert any(not torch.equal(before[n], p) for n, p in trainer.model.named_parameters())
+    # steps as the logs number them (1, 2, 3): with credit_map_every=2 only step 2 gets a page
     maps = sorted(p.name for p in (tmp_path / "credit_maps").iterdir())
-    assert maps == ["step_000000.html", "step_000002.html"]
+    assert maps == ["step_000002.html"]
     page = (tmp_path / "credit_maps" / "step_000002.html").read_text()
-    assert page.count("<span style='background:rgba(") >= 4 and "w=" in page
+    assert "step 2" in page and page.count("<span class='t'") >= 4 and "w = " in page
+
+
+def test_credit_map_of_the_logged_step_shows_whole_groups(tmp_path):
+    """credit_map_every=3: after 3 steps the page of step 3 exists (the step number the logs show), holds the
+    whole generation batch (2 micro-batches, shuffled and split by TRL) and shows groups whose completions
+    are right and wrong: alternating rewards put 2 correct and 2 wrong completions in every group of 4, which
+    the page only shows if rewards and group ids followed their rows through the shuffle."""
+    import re
+
+    trainer = _trainer(tmp_path, credit_map_every=3, max_steps=3, gradient_accumulation_steps=2)
+    trainer.train()
+    assert [h["step"] for h in trainer.state.log_history if "loss" in h] == [1, 2, 3]
+    maps = sorted(p.name for p in (tmp_path / "credit_maps").iterdir())
+    assert maps == ["step_000003.html"]
+    page = (tmp_path / "credit_maps" / "step_000003.html").read_text()
+    assert "step 3</title>" in page and "&middot; step 3</h1>" in page
+    rows = 8 * 2  # per_device_train_batch_size x steps_per_generation (= gradient_accumulation_steps)
+    assert f"Step 3: {rows} completions in {rows // 4} groups" in page
+    shown = re.findall(r"<b>rewards</b> ([0-9. /]+?)(?: &nbsp;|</p>)", page)
+    assert len(shown) == 3 and all(r == "1 / 1 / 0 / 0" for r in shown)  # 3 groups shown, each right and wrong
+    assert page.count("A = +") >= 6 and page.count("A = -") >= 6
+
+
+def test_the_docs_picture_comes_from_a_training_run(tmp_path):
+    """``python -m grouprl_trl.credit_map --train DIR`` (docs/credit_map.png) trains and writes the page of its
+    last step."""
+    from grouprl_trl.credit_map import main
+
+    assert main(["--train", str(tmp_path), "--step", "2"]) == 0
+    assert sorted(p.name for p in (tmp_path / "credit_maps").iterdir()) == ["step_000002.html"]
+    assert "&middot; step 2</h1>" in (tmp_path / "credit_maps" / "step_000002.html").read_text()
 
 
 def test_all_groups_filtered_skips_the_optimizer_step(tmp_path):
@@ -162,6 +194,8 @@ def test_skip_batch_returns_a_graphless_zero_loss(filter_trainer):
 
 
 def test_accuracy_source(tmp_path):
+    """The filter reads one reward function's value: the named one, or the only one; several without a
+    name, or a name that is not a reward function, are start-up errors."""
     def acc(completions, **kwargs):
         return [0.0] * len(completions)
 
@@ -169,16 +203,90 @@ def test_accuracy_source(tmp_path):
         return [0.0] * len(completions)
 
     tok = build_tokenizer()
-    kwargs = dict(model=build_tiny_model(tok), reward_funcs=[acc, fmt], train_dataset=build_toy_dataset(8),
-                  processing_class=tok)
-    named = GuidanceGCPOTrainer(args=_config(tmp_path, accuracy_reward="acc", reward_weights=[1.0, 0.5]), **kwargs)
-    total = GuidanceGCPOTrainer(args=_config(tmp_path, reward_weights=[1.0, 0.5]), **kwargs)
-    rewards = torch.tensor([[1.0, 1.0], [0.0, 1.0], [float("nan"), 1.0], [float("nan"), float("nan")]])
-    named._last_rewards_per_func = total._last_rewards_per_func = rewards
-    assert named._accuracy().tolist() == [1.0, 0.0, 0.0, 0.0]
-    assert total._accuracy().tolist() == [1.5, 0.5, 0.5, 0.0]
+    kwargs = dict(model=build_tiny_model(tok), train_dataset=build_toy_dataset(8), processing_class=tok)
+    named = GuidanceGCPOTrainer(args=_config(tmp_path, accuracy_reward="acc", reward_weights=[1.0, 0.5]),
+                                reward_funcs=[acc, fmt], **kwargs)
+    rewards = torch.tensor([[1.0, 1.0], [0.0, 1.0], [float("nan"), 1.0], [1.0, 0.0]])
+    named._last_rewards_per_func = rewards
+    assert named._accuracy().tolist() == [1.0, 0.0, 0.0, 1.0]  # column "acc", unweighted; None counts as 0
+    only = GuidanceGCPOTrainer(args=_config(tmp_path), reward_funcs=[fmt], **kwargs)
+    only._last_rewards_per_func = rewards[:, 1:]
+    assert only._accuracy().tolist() == [1.0, 1.0, 1.0, 0.0]
     with pytest.raises(ValueError, match="accuracy_reward='nope'"):
-        GuidanceGCPOTrainer(args=_config(tmp_path, accuracy_reward="nope"), **kwargs)
+        GuidanceGCPOTrainer(args=_config(tmp_path, accuracy_reward="nope"), reward_funcs=[acc, fmt], **kwargs)
+    with pytest.raises(ValueError, match="accuracy_reward is not set and there are 2 reward functions"):
+        GuidanceGCPOTrainer(args=_config(tmp_path), reward_funcs=[acc, fmt], **kwargs)
+    GuidanceGCPOTrainer(args=_config(tmp_path, dynamic_filter=False), reward_funcs=[acc, fmt], **kwargs)  # no filter
+
+
+def five_point_reward(completions, **kwargs):
+    """A graded 0-5 score (e.g. a rubric): as "accuracy" every group mean would be >= 0.99 or 0."""
+    return [5.0 * (i % 2) for i in range(len(completions))]
+
+
+def reward_model_like(completions, **kwargs):
+    """Unbounded float scores, as a reward model gives."""
+    return [len(c) - 2.5 for c in completions]
+
+
+@pytest.mark.parametrize("reward", [five_point_reward, reward_model_like])
+def test_accuracy_outside_unit_interval_is_an_error_not_a_silent_skip(tmp_path, reward):
+    trainer = _trainer(tmp_path, reward=reward, max_steps=2)
+    before = {n: p.detach().clone() for n, p in trainer.model.named_parameters()}
+    with pytest.raises(ValueError, match=r"reads the only reward function '%s'.*outside \[0, 1\].*accuracy_reward.*"
+                                         r"dynamic_filter=False" % reward.__name__):
+        trainer.train()
+    assert trainer.state.global_step == 0
+    assert all(torch.equal(before[n], p) for n, p in trainer.model.named_parameters())
+    # the same reward with the filter off trains
+    trainer = _trainer(tmp_path, reward=reward, max_steps=1, dynamic_filter=False)
+    trainer.train()
+    assert trainer.state.global_step == 1
+
+
+def test_reward_model_as_accuracy_is_a_startup_error(tmp_path):
+    from transformers import Qwen2Config, Qwen2ForSequenceClassification
+
+    tok = build_tokenizer()
+    config = Qwen2Config(vocab_size=len(tok), hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                         num_attention_heads=2, num_key_value_heads=1, num_labels=1, pad_token_id=tok.pad_token_id)
+    reward_model = Qwen2ForSequenceClassification(config)
+    kwargs = dict(model=build_tiny_model(tok), train_dataset=build_toy_dataset(8), processing_class=tok,
+                  reward_processing_classes=[tok])
+    with pytest.raises(ValueError, match="reward model .* as accuracy.*accuracy_reward.*dynamic_filter=False"):
+        GuidanceGCPOTrainer(args=_config(tmp_path), reward_funcs=[reward_model], **kwargs)
+
+
+def test_named_accuracy_reward_filters_as_a_naive_count(tmp_path):
+    """A 0-5 score next to a 0/1 accuracy: the filter reads the accuracy; kept groups per step equal a
+    count written out here from the accuracies the reward function returned."""
+    seen = []
+
+    def acc(completions, solution, **kwargs):
+        values = [float(c[:1] == s) for c, s in zip(completions, solution, strict=True)]
+        seen.append(values)
+        return values
+
+    def score(completions, **kwargs):
+        return [5.0 * (len(c) % 2) + 0.5 for c in completions]
+
+    tok = build_tokenizer()
+    data = build_toy_dataset(num_rows=64, seed=3)
+    # make the toy task easy enough that some groups are mixed: half the rows accept the digit "0".
+    data = data.map(lambda row, i: {"solution": "0" if i % 2 else row["solution"]}, with_indices=True)
+    args = _config(tmp_path, accuracy_reward="acc", reward_weights=[1.0, 0.2], max_steps=6, max_completion_length=2,
+                   per_device_train_batch_size=16)
+    trainer = GuidanceGCPOTrainer(model=build_tiny_model(tok, seed=1), reward_funcs=[acc, score], args=args,
+                                  train_dataset=data, processing_class=tok)
+    trainer.train()
+    group = 4
+    expected = []
+    for values in seen:
+        means = [sum(values[g:g + group]) / group for g in range(0, len(values), group)]
+        expected.append(sum(0.01 < m < 0.99 for m in means) / len(means))
+    assert _logged(trainer, "guidance/kept_frac") == pytest.approx(expected)
+    assert _logged(trainer, "guidance/skipped_step") == [float(k == 0) for k in expected]
+    assert any(k > 0 for k in expected)  # the run does learn from some groups
 
 
 # ----------------------------------------------------------------------------- config

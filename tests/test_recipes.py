@@ -1,6 +1,8 @@
 """Bundled recipes: they parse into the trainers' config classes / compose with verl's Hydra config,
-their key values equal the numbers in RESEARCH.md (hard-coded below from that document, an
-independent source), and every value carries a citation comment.
+their key values equal the official ones (hard-coded below by hand from the official files named by
+the source tags of docs/recipes.md, an independent source), every value carries a citation comment
+naming a source tag of docs/recipes.md, docs/algorithms.md or "our choice", and the provenance tables
+of docs/recipes.md show the values the recipes resolve to.
 
 The GCPOTrainer / COPOTrainer recipes import classes written on other branches: on a branch
 without them those cases fail with an ImportError naming the class (deliberately not skipped).
@@ -22,9 +24,8 @@ VERL_RECIPES = sorted(n for n, p in recipes.recipe_paths().items() if p.parent.n
 GPU_TRL_RECIPES = [n for n in TRL_RECIPES if not n.startswith("tiny_")]
 
 # ----------------------------------------------------------------------------- expected values
-# Copied by hand from /work/shared/RESEARCH.md (section named on each entry); "our" marks the few
-# batch values we chose to keep the official global batch on one 8-GPU node.
-A3_1P5B = {  # a.3 GPG-RS1 (open-rs recipes/gpg.yaml + train.sh)
+# Copied by hand from the official files (source tags of docs/recipes.md named on each entry).
+A3_1P5B = {  # RSG (open-rs recipes/gpg.yaml) + RST (train.sh): GPG-RS1
     "model_name_or_path": "deepseek-ai/DeepSeek-R1-Distill-Qwen-1.5B",
     "learning_rate": 1.0e-6,
     "lr_scheduler_type": "cosine_with_min_lr",
@@ -39,7 +40,7 @@ A3_1P5B = {  # a.3 GPG-RS1 (open-rs recipes/gpg.yaml + train.sh)
     "seed": 42,
     "vllm_max_model_length": 4608,
 }
-A3_MATH7B = {  # a.3 open-r1 config_simple_rl.yaml (GPG fork) and config_simple_rl_gpg*.yaml
+A3_MATH7B = {  # SRL (open-r1 config_simple_rl.yaml, GPG fork) and V1 / V1NS
     "model_name_or_path": "Qwen/Qwen2.5-Math-7B",
     "learning_rate": 3.0e-6,
     "lr_scheduler_type": "cosine",
@@ -51,28 +52,37 @@ A3_MATH7B = {  # a.3 open-r1 config_simple_rl.yaml (GPG fork) and config_simple_
     "temperature": 0.9,
     "num_train_epochs": 1,
 }
+ACC_FORMAT = {  # SRL 46-51 / V1 49-54: [accuracy, format], weights [1, 1] (RW format_reward: the think/answer regex)
+    "reward_funcs": ["grouprl.rewards.accuracy_reward", "grouprl.rewards.think_answer_format_reward"],
+    "reward_weights": [1.0, 1.0],
+}
 EXPECTED_TRL = {
-    # a.2: open_rs_1p5b = F_norm group std, alpha 1, no resampling; no KL in the loss
+    # GTRS + TRL69: open_rs_1p5b = F_norm group std, alpha 1, no resampling; no KL in the loss
     "gpg_rs1_1p5b": {**A3_1P5B, "advantage_norm": "group", "age": False, "valid_threshold": 0.0, "beta": 0.0},
     "gpg_rs3_1p5b": {**A3_1P5B, "advantage_norm": "group", "age": False, "valid_threshold": 0.0, "beta": 0.0,
                      "dataset_path": "data/open-rs"},
-    "grpo_rs1_1p5b": {**A3_1P5B, "beta": 0.04},  # a.3: TRL default beta 0.04
-    "grpo_rs3_1p5b": {**A3_1P5B, "beta": 0.04, "dataset_path": "data/open-rs"},
-    "grpo_math7b": {**A3_MATH7B, "beta": 0.04},  # a.3: both leave beta at TRL's default 0.04
-    # a.4 ablation rows
-    "gpg_math7b_f1": {**A3_MATH7B, "advantage_norm": "none", "age": False, "valid_threshold": 0.0, "beta": 0.0},
-    "gpg_math7b_fstd": {**A3_MATH7B, "advantage_norm": "group", "age": False, "valid_threshold": 0.0},
-    "gpg_math7b_age": {**A3_MATH7B, "advantage_norm": "none", "age": True, "valid_threshold": 0.0},
-    "gpg_math7b_age_betath": {**A3_MATH7B, "advantage_norm": "none", "age": True, "valid_threshold": 0.6},
-    # a.3 "Effective run" of GPG-7B (config_simple_rl_math_l35_v1.yaml + train.sh)
+    # RSR: the GRPO recipe runs 500 steps (RSR 37); TRL69: beta 0.04, local token mean ("bnpo")
+    "grpo_rs1_1p5b": {**A3_1P5B, "beta": 0.04, "max_steps": 500, "loss_type": "bnpo"},
+    "grpo_rs3_1p5b": {**A3_1P5B, "beta": 0.04, "max_steps": 500, "loss_type": "bnpo", "dataset_path": "data/open-rs"},
+    # SRL + TRL016: beta 0.04, scale_rewards True, local token mean ("bnpo"), accuracy + format
+    "grpo_math7b": {**A3_MATH7B, **ACC_FORMAT, "beta": 0.04, "loss_type": "bnpo", "scale_rewards": "group"},
+    # GPG-README ablation rows on V1 / V1NS
+    "gpg_math7b_f1": {**A3_MATH7B, **ACC_FORMAT, "advantage_norm": "none", "age": False, "valid_threshold": 0.0,
+                      "beta": 0.0},
+    "gpg_math7b_fstd": {**A3_MATH7B, **ACC_FORMAT, "advantage_norm": "group", "age": False, "valid_threshold": 0.0},
+    "gpg_math7b_age": {**A3_MATH7B, **ACC_FORMAT, "advantage_norm": "none", "age": True, "valid_threshold": 0.0},
+    "gpg_math7b_age_betath": {**A3_MATH7B, **ACC_FORMAT, "advantage_norm": "none", "age": True,
+                              "valid_threshold": 0.6},
+    # GPG-7B: L35 + TS7 overrides; raw prompts without a chat template (GPGPY make_conversation_math35)
     "gpg_7b_simplerl": {
         "model_name_or_path": "Qwen/Qwen2.5-Math-7B", "learning_rate": 1.0e-6,
         "lr_scheduler_type": "constant_with_warmup", "warmup_steps": 0.03, "max_prompt_length": 768,
         "max_completion_length": 2048, "num_generations": 8, "per_device_train_batch_size": 8,
         "gradient_accumulation_steps": 4, "num_train_epochs": 5, "temperature": 1.0, "top_p": 1.0,
         "advantage_norm": "none", "age": True, "valid_threshold": 0.5, "beta": 0.0, "system_prompt": None,
+        "raw_prompt": True, "reward_funcs": ["grouprl.rewards.accuracy_reward"],
     },
-    # b.2/b.3: no KL, GSPO sequence ratio with eps 3e-4 / 4e-4
+    # GOLD / GSPO: no KL, GSPO sequence ratio with eps 3e-4 / 4e-4
     "gcpo_gold_1p5b": {"gold_trigger": "all_wrong", "gold_placement": "replace",
                   "model_name_or_path": A3_1P5B["model_name_or_path"], "beta": 0.0,
                        "importance_sampling_level": "sequence", "epsilon": 3e-4, "epsilon_high": 4e-4,
@@ -81,7 +91,7 @@ EXPECTED_TRL = {
                   "model_name_or_path": A3_MATH7B["model_name_or_path"], "beta": 0.0,
                          "importance_sampling_level": "sequence", "epsilon": 3e-4, "epsilon_high": 4e-4,
                          "reference_column": "solution"},
-    # d.3: k 5, b 1, soft-with-zero, clip 0.2/0.2, lr 1e-6, no KL; n 6 (run_copo.sh) / 8 (7B script);
+    # CP / CP7: k 5, b 1, soft-with-zero, clip 0.2/0.2, lr 1e-6, no KL; n 6 (run_copo.sh) / 8 (7B script);
     # 70 rollout steps x 16 mini-batches of 32 prompts (train_batch_size 512)
     "copo_1p5b": {"entropy_reward_coef": False, "dual_clip": 3.0, "loss_type": "grpo", "system_prompt": None,
                   "gate_k": 5.0, "gate_b": 1.0, "blend": "soft-with-zero", "epsilon": 0.2, "epsilon_high": 0.2,
@@ -91,32 +101,34 @@ EXPECTED_TRL = {
                   "gate_k": 5.0, "gate_b": 1.0, "blend": "soft-with-zero", "epsilon": 0.2, "epsilon_high": 0.2,
                     "learning_rate": 1e-6, "beta": 0.0, "num_generations": 8, "temperature": 1.0,
                     "max_steps": 70 * 16, "max_completion_length": 2048, "dataset_path": "data/dapo-math-17k"},
-    # c.3/c.4: x 0.4, y 0.8, k3 weights under the current policy, entropy penalty 0.02 (7B), clip 0.2/0.28,
-    # dual clip 3, lr 1e-6, wd 1e-2, top_p 0.99, n 8, 2 epochs
+    # GC / GCY / GCA: x 0.4, y 0.8, k3 weights under the current policy, entropy penalty 0.02 (7B), clip 0.2/0.28,
+    # dual clip 3, lr 1e-6, wd 1e-2, top_p 0.99, n 8, 2 epochs; the official format prompt (GC 34)
     "guidance_1p5b": {"rank_x": 0.4, "rank_y": 0.8, "weights_from": "current", "entropy_penalty_coef": 0.02,
                       "negative_prompt_type": "wrong_answer", "dynamic_filter": True, "epsilon": 0.2,
                       "epsilon_high": 0.28, "dual_clip": 3.0, "learning_rate": 1e-6, "weight_decay": 0.01,
-                      "top_p": 0.99, "num_generations": 8, "num_train_epochs": 2, "beta": 0.0},
+                      "top_p": 0.99, "num_generations": 8, "num_train_epochs": 2, "beta": 0.0,
+                      "prompt_template": "gcpo-guidance", "system_prompt": None},
     "guidance_math7b": {"rank_x": 0.4, "rank_y": 0.8, "weights_from": "current", "entropy_penalty_coef": 0.02,
                         "negative_prompt_type": "wrong_answer", "dynamic_filter": True, "epsilon": 0.2,
                         "epsilon_high": 0.28, "dual_clip": 3.0, "learning_rate": 1e-6, "weight_decay": 0.01,
-                        "top_p": 0.99, "num_generations": 8, "num_train_epochs": 2, "beta": 0.0},
+                        "top_p": 0.99, "num_generations": 8, "num_train_epochs": 2, "beta": 0.0,
+                        "prompt_template": "gcpo-guidance", "system_prompt": None},
     "tiny_cpu_gpg": {"model_name_or_path": "tiny", "dataset_path": "toy", "use_vllm": False, "use_cpu": True},
 }
 # completions per optimizer step = per_device x processes x GA
 EXPECTED_COMPLETIONS_PER_STEP = {
-    "gpg_rs1_1p5b": 6 * 16 * 4,  # a.3: 6 x 16 x 4 = 384 (64 prompts x 6)
+    "gpg_rs1_1p5b": 6 * 16 * 4,  # RSG 42 x RST 3 x RSG 19 = 384 (64 prompts x 6)
     "grpo_rs1_1p5b": 6 * 16 * 4,
-    "copo_1p5b": 32 * 6,  # d.3: ppo_mini_batch_size 32 prompts x n 6
-    "copo_math7b": 32 * 8,  # d.3: 32 prompts x n 8
-    "guidance_1p5b": 128 * 8,  # c.4: global_batch_size 128 prompts x n 8
+    "copo_1p5b": 32 * 6,  # CP 48: ppo_mini_batch_size 32 prompts x n 6 (CP 62)
+    "copo_math7b": 32 * 8,  # CP 48: 32 prompts x n 8 (CP7 53)
+    "guidance_1p5b": 128 * 8,  # GC 15: global_batch_size 128 prompts x n 8
     "guidance_math7b": 128 * 8,
 }
 # prompts per generation (rollout): TRL generation batch / num_generations
 EXPECTED_PROMPTS_PER_ROLLOUT = {"copo_1p5b": 512, "copo_math7b": 512, "guidance_1p5b": 384, "guidance_math7b": 384}
 
 EXPECTED_VERL = {
-    # a.1/a.3 (the brief's GPG-Zero values) and the a.3 PROPOSAL
+    # the project's GPG-Zero setting (not published upstream) and GPG-PAPER
     "gpg_zero_math7b_verl": {
         "actor_rollout_ref.model.path": "Qwen/Qwen2.5-Math-7B", "data.train_batch_size": 144,
         "actor_rollout_ref.rollout.n": 8, "actor_rollout_ref.actor.optim.lr": 1e-6,
@@ -129,13 +141,13 @@ EXPECTED_VERL = {
         "data.train_batch_size": 144, "actor_rollout_ref.rollout.n": 8, "actor_rollout_ref.actor.optim.lr": 1e-6,
         "trainer.total_training_steps": 1100, "algorithm.adv_estimator": "grpo",
     },
-    # b.3: GSPO eps 3e-4 / 4e-4
+    # GSPO eps 3e-4 / 4e-4
     "gcpo_gold_math7b_verl": {
         "actor_rollout_ref.actor.clip_ratio_low": 3e-4, "actor_rollout_ref.actor.clip_ratio_high": 4e-4,
         "algorithm.grouprl.gcpo.trigger": "all_wrong", "algorithm.grouprl.gcpo.placement": "replace",
         "actor_rollout_ref.actor.policy_loss.loss_mode": "gspo", "algorithm.adv_estimator": "grouprl_gcpo",
     },
-    # d.3
+    # CP / CP7
     "copo_math7b_verl": {
         "data.train_batch_size": 512, "actor_rollout_ref.actor.ppo_mini_batch_size": 32,
         "actor_rollout_ref.rollout.n": 8, "trainer.total_training_steps": 70,
@@ -145,8 +157,9 @@ EXPECTED_VERL = {
         "actor_rollout_ref.actor.loss_agg_mode": "seq-mean-token-mean",
         "data.max_prompt_length": 1024, "data.max_response_length": 2048,
     },
-    # c.3/c.4
+    # GC / GCY / GCA; prompts prepared with the official format (GC 34)
     "guidance_math7b_verl": {
+        "data.train_files": "data/dapo-math-17k-gcpo-guidance/train.parquet",
         "data.train_batch_size": 384, "actor_rollout_ref.actor.ppo_mini_batch_size": 128,
         "actor_rollout_ref.rollout.n": 8, "actor_rollout_ref.actor.clip_ratio_high": 0.28,
         "actor_rollout_ref.actor.clip_ratio_c": 3.0, "actor_rollout_ref.actor.optim.weight_decay": 0.01,
@@ -188,7 +201,7 @@ def test_trl_recipe_parses_into_its_config_class(name, tmp_path):
     parsed = {**vars(recipe_args), **vars(model_args), **vars(config)}
     for key, expected in EXPECTED_TRL[name].items():
         wanted = pytest.approx(expected) if isinstance(expected, float) else expected
-        assert _plain(parsed[key]) == wanted, f"{name}: {key}={parsed[key]!r}, RESEARCH.md says {expected!r}"
+        assert _plain(parsed[key]) == wanted, f"{name}: {key}={parsed[key]!r}, the official value is {expected!r}"
 
 
 @pytest.mark.parametrize("name", GPU_TRL_RECIPES)
@@ -253,7 +266,7 @@ def test_verl_recipe_composes_with_hydra(name):
     for key, expected in EXPECTED_VERL[name].items():
         value = OmegaConf.select(cfg, key, default="<missing>")
         assert value == (pytest.approx(expected) if isinstance(expected, float) else expected), \
-            f"{name}: {key}={value!r}, RESEARCH.md says {expected!r}"
+            f"{name}: {key}={value!r}, the official value is {expected!r}"
 
 
 def test_verl_sections_use_the_single_prefix_mapping():
@@ -268,10 +281,24 @@ def test_verl_sections_use_the_single_prefix_mapping():
 
 
 # ----------------------------------------------------------------------------- citations
+DOCS = REPO / "docs"
 EXEMPT_KEYS = {"base", "backend", "description", "hardware", "trainer", "algorithm", "overrides",
-               "grouprl_estimator", "grouprl_policy_loss"}
-CITATION = re.compile(r"#.*(\b[a-d]\.\d|SPEC|VERL-NOTES|brief|our choice)")
+               "grouprl_estimator", "grouprl_policy_loss", "prepare"}
 KEY_LINE = re.compile(r"^\s*([A-Za-z_][\w.]*):(\s|$)")
+
+
+def source_tags() -> set[str]:
+    """The tags of the Sources table of docs/recipes.md (first column, in backticks)."""
+    text = (DOCS / "recipes.md").read_text()
+    section = text.split("## Sources", 1)[1].split("\n## ", 1)[0]
+    return set(re.findall(r"^\| `([A-Za-z0-9-]+)` \|", section, re.M))
+
+
+def cites_docs(comment: str, tags: set[str]) -> bool:
+    """A citation names a source tag of docs/recipes.md, a docs/ page, or says "our choice"."""
+    if "our choice" in comment or re.search(r"docs/\w+\.md", comment):
+        return True
+    return any(re.search(rf"(?<![\w-]){re.escape(tag)}(?![\w-])", comment) for tag in tags)
 
 
 def _all_recipe_files():
@@ -279,22 +306,119 @@ def _all_recipe_files():
 
 
 @pytest.mark.parametrize("path", _all_recipe_files(), ids=lambda p: p.name)
-def test_every_value_cites_research_or_says_our_choice(path):
+def test_every_value_cites_a_source_of_docs_or_says_our_choice(path):
+    tags = source_tags()
     missing = []
     for number, line in enumerate(path.read_text().splitlines(), 1):
         match = KEY_LINE.match(line)
         if not match or match.group(1) in EXEMPT_KEYS:
             continue
-        if not CITATION.search(line):
+        comment = line.split("#", 1)[1] if "#" in line else ""
+        if not cites_docs(comment, tags):
             missing.append(f"{path.name}:{number}: {line.strip()}")
-    assert not missing, "values without a citation comment:\n" + "\n".join(missing)
+    assert not missing, "values without a citation of docs/ (a source tag, a docs page or 'our choice'):\n" + \
+        "\n".join(missing)
 
 
-def test_citation_scan_catches_an_uncited_line(tmp_path):
-    """The scanner itself: an uncited value is reported, cited ones are not."""
-    assert KEY_LINE.match("learning_rate: 1.0e-6") and not CITATION.search("learning_rate: 1.0e-6")
-    assert CITATION.search("lr: 1  # a.3 open-rs") and CITATION.search("x: 1  # our choice")
-    assert not CITATION.search("x: 1  # chosen by me")
+def test_citation_check_catches_an_uncited_or_unknown_source():
+    """The checker itself: a tag of the Sources table, a docs page or "our choice" pass; an unknown tag,
+    a reference to notes outside the repository or a bare comment do not."""
+    tags = source_tags()
+    assert {"RSG", "SRL", "TS7", "GT7", "GC", "GCY", "CP", "CP7", "GOLD", "GSPO", "TRL016"} <= tags
+    assert cites_docs(" RSG 25", tags) and cites_docs(" our choice", tags)
+    assert cites_docs(" docs/algorithms.md GPG", tags)
+    assert not cites_docs(" a.3 open-rs", tags) and not cites_docs(" brief", tags)
+    assert not cites_docs(" RSGX 3", tags) and not cites_docs(" chosen by me", tags)
+    from test_docs import OUTSIDE_NOTES  # notes outside the repository are never a source
+
+    assert not any(OUTSIDE_NOTES.search(p.read_text()) for p in _all_recipe_files())
+
+
+# ----------------------------------------------------------------------------- provenance tables
+PROVENANCE_HEADING = re.compile(r"^### Provenance: (.*)$", re.M)
+CODE = re.compile(r"^`([^`]*)`$")
+
+
+def provenance_tables() -> list[tuple[list[str], list[tuple[str, str]]]]:
+    """(recipe names, [(field cell, ours cell)]) per provenance table of docs/recipes.md."""
+    text = (DOCS / "recipes.md").read_text()
+    known = set(recipes.recipe_paths())
+    tables = []
+    for match in PROVENANCE_HEADING.finditer(text):
+        names = [n for n in re.findall(r"`([^`]+)`", match.group(1)) if n in known]
+        rows = []
+        for line in text[match.end():].split("\n### ", 1)[0].splitlines():
+            cells = [c.strip() for c in line.strip().strip("|").split("|")]
+            if not line.startswith("|") or cells[0] in ("field", "---") or len(cells) != 4:
+                continue
+            rows.append((cells[0], cells[1]))
+        tables.append((names, rows))
+    return tables
+
+
+def _yaml_value(text: str):
+    value = yaml.safe_load(text)
+    if isinstance(value, str):
+        try:
+            return float(value)
+        except ValueError:
+            return value
+    return value
+
+
+def _resolved_value(name: str, key: str, tmp_path):
+    """``key`` of recipe ``name`` as ``grouprl train NAME --dry-run`` resolves it: a recipe key (dotted into
+    mappings; verl: a Hydra key of ``overrides`` or ``section.key``), else the parsed TRL config's field."""
+    recipe = recipes.resolve(name)
+    if recipe["backend"] == "verl" and key in recipe.get("overrides", {}):
+        return recipe["overrides"][key]
+    node = recipe
+    for part in key.split("."):
+        if not isinstance(node, dict) or part not in node:
+            break
+        node = node[part]
+    else:
+        return node
+    assert recipe["backend"] == "trl", f"{name}: {key} is not in the resolved verl recipe"
+    recipe_args, config, model_args = _parse_trl(name, tmp_path)
+    parsed = {**vars(recipe_args), **vars(model_args), **vars(config)}
+    assert key in parsed, f"{name}: {key} is neither a recipe key nor a config field"
+    return _plain(parsed[key])
+
+
+def test_every_recipe_has_a_provenance_table():
+    covered = {n for names, _ in provenance_tables() for n in names}
+    assert set(recipes.recipe_paths()) - covered == {"tiny_cpu_gpg"}
+    assert all(names for names, _ in provenance_tables()), "a provenance heading names no bundled recipe"
+
+
+def test_provenance_tables_show_the_resolved_values(tmp_path):
+    """Every row whose field is a recipe key in backticks holds that recipe's resolved value, in backticks."""
+    checked, wrong = 0, []
+    for names, rows in provenance_tables():
+        for field_cell, ours in rows:
+            key = CODE.match(field_cell)
+            if not key:
+                continue
+            value = CODE.match(ours)
+            assert value, f"{names}: the row of {field_cell} needs our value in backticks, got {ours!r}"
+            expected = _yaml_value(value.group(1))
+            for name in names:
+                actual = _resolved_value(name, key.group(1), tmp_path)
+                same = actual == pytest.approx(expected) if isinstance(expected, float) else actual == expected
+                if not same:
+                    wrong.append(f"{name}: {key.group(1)} is {actual!r}, docs/recipes.md says {expected!r}")
+                checked += 1
+    assert not wrong, "\n".join(wrong)
+    assert checked > 250  # the tables are not silently skipped
+
+
+def test_provenance_check_catches_a_stale_value(tmp_path, monkeypatch):
+    """The check itself: a table row that disagrees with the recipe is reported."""
+    stale = [(["grpo_rs1_1p5b"], [("`max_steps`", "`100`")])]
+    monkeypatch.setattr(__import__(__name__), "provenance_tables", lambda: stale)
+    with pytest.raises(AssertionError, match="grpo_rs1_1p5b: max_steps is 500, docs/recipes.md says 100"):
+        test_provenance_tables_show_the_resolved_values(tmp_path)
 
 
 def test_package_data_globs_cover_every_recipe_file():

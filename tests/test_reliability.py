@@ -127,7 +127,10 @@ def short_reward(completions, **kwargs):
 
 @pytest.mark.parametrize("name", list(TRAINERS))
 def test_reward_function_that_raises_is_named(tmp_path, name):
-    trainer = make_trainer(name, tmp_path, [lambda completions, **kw: [0.0] * len(completions), exploding_reward])
+    # GCPO-guidance's filter needs its accuracy reward named when there are several reward functions
+    named = {"accuracy_reward": "exploding_reward"} if name == "guidance" else {}
+    trainer = make_trainer(name, tmp_path, [lambda completions, **kw: [0.0] * len(completions), exploding_reward],
+                           **named)
     before = params_of(trainer)
     with pytest.raises(ZeroDivisionError) as info:  # the original exception type is kept ...
         trainer.train()

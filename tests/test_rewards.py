@@ -13,6 +13,7 @@ from grouprl.rewards import (
     cosine_reward,
     extract_final_answer,
     format_reward,
+    think_answer_format_reward,
     make_cosine_reward,
 )
 
@@ -70,6 +71,22 @@ def test_format_reward_counts_one_think_closer():
         [{"role": "assistant", "content": "r\n</think>\n\\boxed{1}"}],
     ]
     assert format_reward(completions) == [1.0, 0.0, 0.0, 1.0]
+
+
+def test_think_answer_format_reward_is_the_open_r1_regex_not_the_open_rs_count():
+    """Cases decided by hand from the open-r1 rule: the completion starts with "<think>\n", the think block
+    closes with "\n</think>\n", an answer block "<answer>\n...\n</answer>" follows and ends a line."""
+    cases = [
+        ("<think>\nx = 2\n</think>\n<answer>\n2\n</answer>", 1.0),
+        ("<think>\na\nb\n</think>\n<answer>\n2\n</answer>\ntrailing line", 1.0),  # "$" matches a line end
+        ("<think>\nx\n</think>\n<answer>\n2\n</answer> trailing", 0.0),  # "</answer>" not at a line end
+        ("reasoning\n</think>\nthe answer", 0.0),  # open-rs format: 1.0, open-r1 format: 0.0
+        (" <think>\nx\n</think>\n<answer>\n2\n</answer>", 0.0),  # must start the completion
+        ("<think>x</think><answer>2</answer>", 0.0),  # the newlines are required
+        ([{"role": "assistant", "content": "<think>\nx\n</think>\n<answer>\n1\n</answer>"}], 1.0),
+    ]
+    assert think_answer_format_reward([c for c, _ in cases]) == [r for _, r in cases]
+    assert format_reward(["reasoning\n</think>\nthe answer"]) == [1.0]
 
 
 def _padded(answer: str, length: int) -> str:
