@@ -131,6 +131,17 @@ def guidance_filter(data: DataProto, options: GuidanceOptions) -> tuple[dict[str
         raw = _non_tensor(data, options.accuracy_key, "algorithm.grouprl.guidance.accuracy_key")
         accuracy = torch.tensor([0.0 if a is None else float(a) for a in raw], dtype=torch.float32)
         accuracy = torch.nan_to_num(accuracy, nan=0.0)
+    outside = (accuracy < 0.0) | (accuracy > 1.0)
+    if outside.any():  # as GuidanceGCPOTrainer: the filter needs a correctness score, or it drops every group
+        source = ("the reward score (rm_scores)" if options.accuracy_key is None
+                  else f"reward extra {options.accuracy_key!r}")
+        raise ValueError(
+            f"the guidance dynamic filter reads {source} as accuracy and keeps groups whose mean accuracy is strictly "
+            f"between {options.filter_low} and {options.filter_high}, but {int(outside.sum())} of {accuracy.numel()} "
+            f"values lie outside [0, 1] (e.g. {float(accuracy[outside][0]):g}). Set "
+            "algorithm.grouprl.guidance.accuracy_key to a reward extra holding 1 for a correct and 0 for a wrong "
+            "response (e.g. acc), or algorithm.grouprl.guidance.dynamic_filter=false."
+        )
     keep = dynamic_filter_keep(accuracy, group_ids, options.filter_low, options.filter_high)
     drop = (~keep).unsqueeze(-1)
     data.batch["response_mask"] = data.batch["response_mask"].masked_fill(drop, 0)
@@ -325,9 +336,31 @@ def inject_gold(
     if rows:
         scored = score_rows(gold_scoring_batch(data, rows))
         write_scored_rows(data, rows, scored)
-        metrics[names.GOLD_REWARD_MEAN] = float(scored.batch["rm_scores"].sum(-1).float().mean())
+        gold_rewards = scored.batch["rm_scores"].sum(-1).float()
+        below = gold_rewards < options.correct_threshold
+        metrics[names.GOLD_REWARD_MEAN] = float(gold_rewards.mean())
         metrics[names.GOLD_TRUNCATED_FRAC] = truncated / len(rows)
+        metrics[names.GOLD_BELOW_THRESHOLD_FRAC] = float(below.float().mean())
+        if below.any():
+            _warn_gold_below_threshold(int(below.sum()), len(rows), truncated, float(gold_rewards.min()), options,
+                                       data.batch["responses"].size(1))
     return metrics, rows
+
+
+def _warn_gold_below_threshold(num_below: int, num_injected: int, num_truncated: int, lowest: float,
+                               options: GCPOOptions, width: int) -> None:
+    """Gold that does not count as correct leaves its group without contrast (the TRL trainer warns the same;
+    Python shows this warning once per process)."""
+    if num_truncated:
+        cause = (f"{num_truncated} of them were cut at the response length {width} (data.max_response_length): "
+                 "raise it, or use a shorter algorithm.grouprl.gcpo.gold_template / reference")
+    else:
+        cause = "none was cut, so the reward function does not accept the rendered gold"
+    warnings.warn(
+        f"GCPO-gold: {num_below} of {num_injected} injected gold completions scored below "
+        f"algorithm.grouprl.gcpo.correct_threshold={options.correct_threshold:g} (lowest {lowest:g}), so their groups "
+        f"still have no correct member; {cause}. gold_template={options.gold_template!r}, solution_key="
+        f"{options.solution_key!r}. Counted per step in {names.GOLD_BELOW_THRESHOLD_FRAC}.", stacklevel=3)
 
 
 # ----------------------------------------------------------------------------- GPG threshold

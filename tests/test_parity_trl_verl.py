@@ -575,12 +575,14 @@ def test_gold_injection_through_both_trainers(tmp_path, tok, monkeypatch):
     trl_mask = torch.zeros(n, GOLD_T)
     trl_mask[:, : batch["completion_mask"].size(1)] = batch["completion_mask"]
     torch.testing.assert_close(adv, batch["advantages"].unsqueeze(-1) * trl_mask)
-    # the same gold metrics, by name: 1 of 3 groups, the sampled mean 2/12, the gold row's 0.5, cut
+    # the same gold metrics, by name: 1 of 3 groups, the sampled mean 2/12, the gold row's 0.5 (below the
+    # correct_threshold 1), cut
     verl_gold = {k: v for k, v in verl._grouprl_metrics.items() if k.startswith("gold/")}
     trl_gold = {k: trl_metric(trainer, k) for k in trainer._metrics["train"] if k.startswith("gold/")}
     assert verl_gold == pytest.approx(trl_gold)
     assert trl_gold == pytest.approx({names.GOLD_INJECTED_FRAC: 1 / 3, names.GOLD_SAMPLED_REWARD_MEAN: 2 / 12,
-                                      names.GOLD_REWARD_MEAN: 0.5, names.GOLD_TRUNCATED_FRAC: 1.0})
+                                      names.GOLD_REWARD_MEAN: 0.5, names.GOLD_TRUNCATED_FRAC: 1.0,
+                                      names.GOLD_BELOW_THRESHOLD_FRAC: 1.0})
 
 
 # ----------------------------------------------------------------------------- GCPO-guidance: filter, negative pass

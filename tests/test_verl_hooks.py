@@ -125,6 +125,9 @@ def test_guidance_filter_masks_extreme_groups_and_skips_when_none_left():
     batch = scored_batch([5, 5, 5, 5], 2, extra={"acc": np.array([1.0, None, 1.0, 1.0], dtype=object)})
     metrics, _ = hooks.guidance_filter(batch, GuidanceOptions(accuracy_key="acc"))
     assert batch.batch["response_mask"].sum(-1).tolist() == [3, 3, 0, 0]
+    # a reward outside [0, 1] is no accuracy (as the TRL trainer): 5 would drop every group silently
+    with pytest.raises(ValueError, match=r"reads the reward score .* outside \[0, 1\].*accuracy_key"):
+        hooks.guidance_filter(scored_batch([5, 5, 0, 5], 2), GuidanceOptions())
 
 
 def test_guidance_weights_by_hand():
@@ -222,7 +225,7 @@ def test_inject_gold_replaces_the_last_rollout_of_all_wrong_groups_and_rescores(
     assert b["responses"][0].tolist() == [4, 5, PAD] and b["responses"][3].tolist() == [5, PAD, PAD]
     # the TRL trainer's names: sampled mean 1/4 (one correct rollout of four), gold mean 1, none cut
     assert metrics == {"gold/injected_frac": 0.5, "gold/sampled_reward_mean": 0.25, "gold/reward_mean": 1.0,
-                       "gold/truncated_frac": 0.0}
+                       "gold/truncated_frac": 0.0, "gold/below_threshold_frac": 0.0}
     # the GCPO estimator now sees a contrast in group a: rewards [0, 1] -> -/+ 0.5 / (std 0.7071 + 1e-4, TRL's eps)
     batch.batch["token_level_rewards"] = b["rm_scores"]
     out = compute_advantage(batch, adv_estimator="grouprl_gcpo", config=OmegaConf.create({"grouprl": {}}))
@@ -243,7 +246,9 @@ def test_inject_gold_without_gold_truncation_and_never():
     assert "gold/reward_mean" not in metrics and "gold/truncated_frac" not in metrics  # as TRL: only with a gold row
     batch = gold_batch()
     hooks.object_extras(batch)
-    metrics, _ = hooks.inject_gold(batch, GCPOOptions(), [[1, 2, 3, 4, 5]] * 4, reward_loop(0.0), PAD, EOS)
+    with pytest.warns(UserWarning, match="1 of 1 injected gold completions scored below.*cut at the response length 3"):
+        metrics, _ = hooks.inject_gold(batch, GCPOOptions(), [[1, 2, 3, 4, 5]] * 4, reward_loop(0.0), PAD, EOS)
+    assert metrics["gold/below_threshold_frac"] == 1.0  # scored 0 < correct_threshold 1
     assert metrics["gold/truncated_frac"] == 1.0 and batch.batch["responses"][1].tolist() == [1, 2, 3]  # cut, no EOS
     assert batch.batch["rm_scores"][1].tolist() == [0.0, 0.0, 0.0]  # scored 0 (not assumed correct)
     batch = gold_batch()
