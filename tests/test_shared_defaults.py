@@ -50,6 +50,10 @@ def default_of(func, name):
 # losses read (grouprl_verl.losses._clip_ranges; verl's gspo reads clip_ratio_low/high the same way).
 # convert: maps the TRL value to verl's spelling where the two name one setting differently.
 KL_OFF = ("beta", "actor_rollout_ref.actor.use_kl_loss", lambda beta: beta != 0.0)
+# optimizer updates per generation batch: TRL steps_per_generation / gradient accumulation; verl train / mini batch
+UPDATES = (("updates per generation batch", lambda cfg: cfg.steps_per_generation // cfg.gradient_accumulation_steps),
+           "updates_per_step", None)
+EPOCHS = ("num_iterations", "actor_rollout_ref.actor.ppo_epochs", None)
 AGG = {"dapo": "token-mean", "grpo": "seq-mean-token-mean"}
 TRL_GRPO_EPS = ("TRL GRPOTrainer eps (grouprl_core.grpo.GRPO_STD_EPS)", lambda cfg: GRPO_STD_EPS)
 PAIRS = {
@@ -61,7 +65,8 @@ PAIRS = {
         ("carry_over", "algorithm.grouprl.gpg.carry_over", None),
         (("gpg_advantages eps", lambda cfg: default_of(gpg_advantages, "eps")), "algorithm.grouprl.gpg.std_eps", None),
         ("loss_agg_mode", "actor_rollout_ref.actor.loss_agg_mode", None),
-        ("num_iterations", "actor_rollout_ref.actor.ppo_epochs", None),
+        EPOCHS,
+        UPDATES,
         KL_OFF,
     ],
     "gcpo": [
@@ -77,6 +82,8 @@ PAIRS = {
         ("importance_sampling_level", "actor_rollout_ref.actor.policy_loss.loss_mode",
          {"sequence": "gspo", "token": "vanilla"}.get),
         ("loss_type", "actor_rollout_ref.actor.loss_agg_mode", AGG.get),
+        EPOCHS,
+        UPDATES,
         KL_OFF,
     ],
     "copo": [
@@ -90,6 +97,8 @@ PAIRS = {
          "actor.clip_high", None),
         ("dual_clip", "actor.clip_dual", None),
         ("loss_type", "actor_rollout_ref.actor.loss_agg_mode", AGG.get),
+        EPOCHS,
+        UPDATES,
         KL_OFF,
     ],
     "guidance": [
@@ -108,7 +117,8 @@ PAIRS = {
         ("dual_clip", "actor.clip_dual", None),
         ("entropy_penalty_coef", "actor_rollout_ref.actor.policy_loss.grouprl.entropy_penalty_coef", None),
         ("loss_type", "actor_rollout_ref.actor.loss_agg_mode", AGG.get),
-        ("num_iterations", "actor_rollout_ref.actor.ppo_epochs", None),
+        EPOCHS,
+        UPDATES,
         KL_OFF,
     ],
 }
@@ -131,6 +141,8 @@ def sides():
 
 
 def verl_value(composed, actor, key):
+    if key == "updates_per_step":
+        return composed.data.train_batch_size // composed.actor_rollout_ref.actor.ppo_mini_batch_size
     if key.startswith("actor.clip_"):
         low, high, dual = _clip_ranges(actor)
         return {"actor.clip_low": low, "actor.clip_high": high, "actor.clip_dual": dual}[key]
