@@ -45,6 +45,15 @@ from .config import COPOOptions, GCPOOptions, GPGOptions, GuidanceOptions
 from .estimators import group_ids_from_index
 
 
+_WARNED: set[str] = set()  # warnings already shown in this process (the trainer runs in one process)
+
+
+def _warn_once(key: str, message: str) -> None:
+    if key not in _WARNED:
+        _WARNED.add(key)
+        warnings.warn(message, UserWarning, stacklevel=3)
+
+
 def batch_group_ids(data: DataProto, who: str) -> torch.Tensor:
     return group_ids_from_index(data.non_tensor_batch.get("uid"), len(data), who)
 
@@ -95,10 +104,11 @@ def attach_copo_fields(data: DataProto, options: COPOOptions) -> dict[str, float
     data.batch["grouprl_copo_weight"] = weight.to(torch.float32)
     fallback_frac = sum(a is None for a in answers) / max(len(answers), 1)
     if fallback_frac > 0 and options.answer_key is not None:
-        warnings.warn(  # shown once per process (Python's default warning filter)
+        _warn_once(
+            "copo_fallback",
             f"COPO: {100 * fallback_frac:.0f}% of the batch's rows have no answer in "
             f"'{options.answer_key}'; their reward values stand in as answers for the consistency entropy "
-            f"(see {names.COPO_EXTRACT_FALLBACK_FRAC}).", stacklevel=2)
+            f"(see {names.COPO_EXTRACT_FALLBACK_FRAC}; this warning is not repeated).")
     return {
         names.COPO_CONSISTENCY_ENTROPY: _mean_per_group(result.entropy, group_ids),
         names.COPO_GATE_MEAN: _mean_per_group(result.gate, group_ids),
@@ -349,18 +359,19 @@ def inject_gold(
 
 def _warn_gold_below_threshold(num_below: int, num_injected: int, num_truncated: int, lowest: float,
                                options: GCPOOptions, width: int) -> None:
-    """Gold that does not count as correct leaves its group without contrast (the TRL trainer warns the same;
-    Python shows this warning once per process)."""
+    """Gold that does not count as correct leaves its group without contrast (the TRL trainer warns the same,
+    once per run)."""
     if num_truncated:
         cause = (f"{num_truncated} of them were cut at the response length {width} (data.max_response_length): "
                  "raise it, or use a shorter algorithm.grouprl.gcpo.gold_template / reference")
     else:
         cause = "none was cut, so the reward function does not accept the rendered gold"
-    warnings.warn(
+    _warn_once(
+        "gold_below_threshold",
         f"GCPO-gold: {num_below} of {num_injected} injected gold completions scored below "
         f"algorithm.grouprl.gcpo.correct_threshold={options.correct_threshold:g} (lowest {lowest:g}), so their groups "
         f"still have no correct member; {cause}. gold_template={options.gold_template!r}, solution_key="
-        f"{options.solution_key!r}. Counted per step in {names.GOLD_BELOW_THRESHOLD_FRAC}.", stacklevel=3)
+        f"{options.solution_key!r}. Counted per step in {names.GOLD_BELOW_THRESHOLD_FRAC}; this warning is not repeated.")
 
 
 # ----------------------------------------------------------------------------- GPG threshold
@@ -406,22 +417,28 @@ class GPGGroupAssembler:
         opts = self.options
         if opts.valid_threshold <= 0:
             return first, {names.GPG_RESAMPLE_ROUNDS: 0.0}
-        rounds, orders, round_valid = [], [], []
+        rounds: list[DataProto] = []  # oldest first: the carry (if any), the step's batch, extra rounds
+        orders: list[list[str]] = []  # each round's groups (uids), in generation order
+        round_valid: list[list[bool]] = []  # each round's validity flags, in that order
+
+        def add_round(batch: DataProto, order: list[str], valid: list[bool]) -> None:
+            rounds.append(batch)
+            orders.append(order)
+            round_valid.append(valid)
+
         carried = self.carry is not None and opts.carry_over
         if carried:
             order, _ = self._round(self.carry)
-            rounds.append(self.carry), orders.append(order), round_valid.append([True] * len(order))  # valid when kept
+            add_round(self.carry, order, [True] * len(order))  # carried groups were valid when kept
         self.carry = None
-        order, valid = self._round(first, first_order)
-        rounds.append(first), orders.append(order), round_valid.append(valid)
-        n_groups = len(order)
+        add_round(first, *self._round(first, first_order))
+        n_groups = len(orders[-1])
         extra = 0
         while gpg_needs_more(usable_valid_groups(round_valid, n_groups) / n_groups, threshold=opts.valid_threshold,
                              extra_rounds=extra, max_rounds=opts.max_resample_rounds):
             extra += 1
             batch = generate_more()
-            order, valid = self._round(batch)
-            rounds.append(batch), orders.append(order), round_valid.append(valid)
+            add_round(batch, *self._round(batch))
         plan = plan_gpg_batch(round_valid, n_groups, carry_over=opts.carry_over, carried_round=carried)
         assembled = _select_groups(rounds, orders, plan.chosen)
         if len(assembled) != len(first):

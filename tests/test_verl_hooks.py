@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import warnings
 
 import numpy as np
 import pytest
@@ -239,15 +240,21 @@ def test_inject_gold_refuses_to_cut_an_extra_in_a_fixed_width_array():
         hooks.inject_gold(batch, GCPOOptions(), [[11, 12]] * 4, reward_loop(1.0), PAD, EOS)
 
 
-def test_inject_gold_without_gold_truncation_and_never():
+def test_inject_gold_without_gold_truncation_and_never(monkeypatch):
     batch = gold_batch()
     metrics, rows = hooks.inject_gold(batch, GCPOOptions(), [None, None, [1], [1]], reward_loop(1.0), PAD, EOS)
     assert metrics["gold/injected_frac"] == 0.0 and rows == [] and batch.batch["responses"][1].tolist() == [6, PAD, PAD]
     assert "gold/reward_mean" not in metrics and "gold/truncated_frac" not in metrics  # as TRL: only with a gold row
     batch = gold_batch()
     hooks.object_extras(batch)
+    monkeypatch.setattr(hooks, "_WARNED", set())  # the warning is shown once per process
     with pytest.warns(UserWarning, match="1 of 1 injected gold completions scored below.*cut at the response length 3"):
         metrics, _ = hooks.inject_gold(batch, GCPOOptions(), [[1, 2, 3, 4, 5]] * 4, reward_loop(0.0), PAD, EOS)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # not repeated
+        again = gold_batch()
+        hooks.object_extras(again)
+        hooks.inject_gold(again, GCPOOptions(), [[1, 2, 3, 4, 5]] * 4, reward_loop(0.0), PAD, EOS)
     assert metrics["gold/below_threshold_frac"] == 1.0  # scored 0 < correct_threshold 1
     assert metrics["gold/truncated_frac"] == 1.0 and batch.batch["responses"][1].tolist() == [1, 2, 3]  # cut, no EOS
     assert batch.batch["rm_scores"][1].tolist() == [0.0, 0.0, 0.0]  # scored 0 (not assumed correct)
