@@ -89,6 +89,9 @@ class RayPPOTrainerHooks(RayPPOTrainer):
     """
 
     # ------------------------------------------------------------------ hooks (no-ops here)
+    def before_balance(self, batch) -> None:
+        """``batch`` in generation order, just before ``_balance_batch`` reorders it."""
+
     def prepare_rewards(self, data) -> None:
         """``data`` holds reward fields ``fit`` will read next (the step's batch, a reward model's output)."""
 
@@ -123,6 +126,7 @@ class RayPPOTrainerHooks(RayPPOTrainer):
 
     # ------------------------------------------------------------------ verl's private steps -> hooks
     def _balance_batch(self, batch, metrics, logging_prefix="global_seqlen", keep_minibatch=False):
+        self.before_balance(batch)
         self.prepare_rewards(batch)
         return super()._balance_batch(batch, metrics, logging_prefix=logging_prefix, keep_minibatch=keep_minibatch)
 

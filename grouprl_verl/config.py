@@ -11,8 +11,10 @@ Two places in verl's Hydra config carry them (see ``grouprl_verl/README.md``):
   keys, so our YAMLs point its ``_target_`` at :class:`GroupRLPolicyLossConfig` (a subclass with one
   extra field, ``grouprl``).
 
-A missing block means the paper's defaults. An unknown key or a bad value is a ``ValueError``
-that names the full config path and the allowed values.
+A missing block means the paper's defaults. Every default both backends share is grouprl_core's
+constant, the same one the TRL configs use (``tests/test_shared_defaults.py`` compares them by
+name). An unknown key or a bad value is a ``ValueError`` that names the full config path and the
+allowed values.
 """
 
 from __future__ import annotations
@@ -24,10 +26,23 @@ from typing import Any
 from verl.base_config import BaseConfig
 from verl.workers.config import PolicyLossConfig
 
-from grouprl_core.copo import BLEND_MODES
-from grouprl_core.gold import PLACEMENTS, TRIGGERS
-from grouprl_core.gpg import F_NORM_MODES
-from grouprl_core.guidance import NEGATIVE_PROMPT_TYPES
+from grouprl_core.copo import BLEND_MODES, COPO_STD_EPS, DEFAULT_BLEND, DEFAULT_GATE_B, DEFAULT_GATE_K
+from grouprl_core.gold import (
+    DEFAULT_CORRECT_THRESHOLD,
+    DEFAULT_GOLD_TEMPLATE,
+    PLACEMENTS,
+    TRIGGERS,
+    check_gold_template,
+)
+from grouprl_core.gpg import DEFAULT_MAX_RESAMPLE_ROUNDS, DEFAULT_VALID_THRESHOLD, F_NORM_MODES, STD_EPS
+from grouprl_core.grpo import GRPO_STD_EPS
+from grouprl_core.guidance import (
+    DEFAULT_RANK_X,
+    DEFAULT_RANK_Y,
+    FILTER_HIGH,
+    FILTER_LOW,
+    NEGATIVE_PROMPT_TYPES,
+)
 
 
 def _fail(path: str, message: str):
@@ -40,10 +55,10 @@ class GPGOptions:
 
     f_norm: str = "none"  # F_norm: "none" (1), "group" (group std + 1e-4), "batch" (batch std + 1e-4)
     use_age: bool = True  # alpha = B / (B - M)
-    valid_threshold: float = 0.6  # beta_th; 0 disables the threshold / carry-over hook
-    max_resample_rounds: int = 20  # bound on extra generation batches per step (official code: 20)
+    valid_threshold: float = DEFAULT_VALID_THRESHOLD  # beta_th; 0 disables the threshold / carry-over hook
+    max_resample_rounds: int = DEFAULT_MAX_RESAMPLE_ROUNDS  # bound on extra generation batches per step
     carry_over: bool = True  # keep valid groups that did not fit for the next step
-    std_eps: float = 1e-4
+    std_eps: float = STD_EPS
 
     def validate(self, path: str) -> None:
         if self.f_norm not in F_NORM_MODES:
@@ -58,14 +73,15 @@ class GPGOptions:
 
 @dataclass
 class GCPOOptions:
-    """``algorithm.grouprl.gcpo``: GCPO-gold (Wu & Liu, arXiv 2510.07790) [PROPOSAL, SPEC.md]."""
+    """``algorithm.grouprl.gcpo``: GCPO-gold (Wu & Liu, arXiv 2510.07790; no official code, our reading in
+    docs/algorithms.md)."""
 
-    eps: float = 1e-6  # A = (r - mean_g) / (std_g + eps)
-    correct_threshold: float = 1.0  # a rollout is correct when its reward >= this
+    eps: float = GRPO_STD_EPS  # A = (r - mean_g) / (std_g + eps), TRL's GRPO number
+    correct_threshold: float = DEFAULT_CORRECT_THRESHOLD  # a rollout is correct when its reward >= this
     trigger: str = "all_wrong"  # "all_wrong" | "always" | "never"
     placement: str = "replace"  # only "replace" in verl (the batch size is fixed by the time rewards exist)
     solution_key: str = "solution"  # non_tensor_batch / extra_info key with the reference solution
-    gold_template: str = "{solution}"  # how the solution is rendered as a completion
+    gold_template: str = DEFAULT_GOLD_TEMPLATE  # how the solution is rendered as a completion (render_gold)
 
     def validate(self, path: str) -> None:
         if not self.eps > 0:
@@ -80,20 +96,23 @@ class GCPOOptions:
                 "'append' (gold as member G+1) is not available in verl: the batch size is fixed when rewards "
                 "are known (train_batch_size * rollout.n must stay divisible by the DP size). Use 'replace'.",
             )
-        if "{solution}" not in self.gold_template:
-            _fail(f"{path}.gold_template", f"must contain '{{solution}}', got {self.gold_template!r}")
+        check_gold_template(self.gold_template, f"{path}.gold_template")
+        if not math.isfinite(float(self.correct_threshold)):
+            _fail(f"{path}.correct_threshold", f"must be a finite number, got {self.correct_threshold!r}")
 
 
 @dataclass
 class COPOOptions:
     """``algorithm.grouprl.copo``: COPO (Han et al., arXiv 2508.04138; hijih/copo-code)."""
 
-    gate_k: float = 5.0  # w_q = sigmoid(k (H_q - b)); 7B script
-    gate_b: float = 1.0
-    eps: float = 1e-6
+    gate_k: float = DEFAULT_GATE_K  # w_q = sigmoid(k (H_q - b)); 7B script
+    gate_b: float = DEFAULT_GATE_B
+    eps: float = COPO_STD_EPS  # the official code's 1e-6, local and global
     entropy_reward_coef: bool = False  # R_q = mean r * (1 - lambda H_q)
-    blend: str = "only-soft"
-    answer_key: str | None = "pred"  # reward_extra_info key with the extracted final answer; null: rewards
+    blend: str = DEFAULT_BLEND
+    # reward_extra_info key with the extracted final answer ("" or None: no answer, the reward value stands in,
+    # grouprl_core.copo.answer_keys); null: no answers at all, every completion is keyed by its reward
+    answer_key: str | None = "pred"
 
     def validate(self, path: str) -> None:
         if self.blend not in BLEND_MODES:
@@ -108,13 +127,13 @@ class COPOOptions:
 class GuidanceOptions:
     """``algorithm.grouprl.guidance``: GCPO-guidance (Li et al., arXiv 2605.29198; jacklishufan/gcpo)."""
 
-    eps: float = 1e-6
+    eps: float = GRPO_STD_EPS  # the per-sequence GRPO advantage, TRL's number
     dynamic_filter: bool = True  # groups with mean accuracy <= filter_low or >= filter_high get no update
-    filter_low: float = 0.01
-    filter_high: float = 0.99
+    filter_low: float = FILTER_LOW
+    filter_high: float = FILTER_HIGH
     accuracy_key: str | None = None  # reward_extra_info key for "accuracy"; null: the summed reward
-    rank_x: float = 0.4
-    rank_y: float = 0.8
+    rank_x: float = DEFAULT_RANK_X
+    rank_y: float = DEFAULT_RANK_Y
     negative_prompt_type: str = "wrong_answer"
     negative_template: str | None = None
 

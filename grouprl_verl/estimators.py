@@ -23,6 +23,7 @@ import pandas as pd
 import torch
 from verl.trainer.ppo.core_algos import register_adv_est
 
+from grouprl_core import names
 from grouprl_core.gpg import gpg_advantages
 from grouprl_core.grpo import grpo_advantages
 
@@ -102,9 +103,9 @@ def compute_grouprl_gpg_advantage(token_level_rewards, response_mask, index=None
     result = gpg_advantages(rewards, group_ids, f_norm=opts.f_norm, use_age=opts.use_age, eps=opts.std_eps)
     LAST_METRICS.clear()
     LAST_METRICS.update({
-        "gpg/alpha": result.alpha,
-        "gpg/valid_fraction": result.valid_fraction,
-        "gpg/skipped_step": float(result.skip_update),
+        names.GPG_ALPHA: result.alpha,
+        names.GPG_VALID_FRACTION: result.valid_fraction,
+        names.GPG_SKIPPED_STEP: float(result.skip_update),
     })
     advantages = _broadcast(result.advantages, response_mask)
     return advantages, advantages
@@ -120,7 +121,7 @@ def _grpo(token_level_rewards, response_mask, index, config, name: str, eps: flo
 
 @register_adv_est(GCPO)
 def compute_grouprl_gcpo_advantage(token_level_rewards, response_mask, index=None, config=None, **kwargs):
-    """GCPO-gold (Wu & Liu, arXiv 2510.07790) [PROPOSAL]: GRPO's ``A = (r - mean_g) / (std_g + eps)``.
+    """GCPO-gold (Wu & Liu, arXiv 2510.07790; docs/algorithms.md): GRPO's ``A = (r - mean_g) / (std_g + eps)``.
 
     Computed on the rewards *after* the grouprl trainer put the reference solution into all-wrong
     groups (:func:`grouprl_verl.hooks.inject_gold`), so those groups get a signal.

@@ -8,6 +8,10 @@ algorithms need a little more; each piece below works on the legacy trainer's ``
 
 * GCPO-gold: :func:`inject_gold` rewrites one rollout of every all-wrong group with the reference
   solution after rewards, before old log-probs.
+
+Every rule both backends share (gold rendering and fitting, COPO's answer keys, the GPG batch
+planner) and every metric name comes from grouprl_core, so verl and the TRL trainers decide and log
+the same things.
 * GPG: :class:`GPGGroupAssembler` keeps valid groups across generation rounds (beta_th threshold)
   and carries leftovers to the next step, after rewards, before old log-probs.
 * COPO: :func:`attach_copo_fields` computes the global advantage and the gate from the groups'
@@ -23,6 +27,7 @@ Row layout (verl's agent loop): ``prompts`` (B, Lp) left-padded, ``responses`` (
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -30,13 +35,23 @@ import numpy as np
 import torch
 from verl import DataProto
 
-from grouprl_core.copo import copo_advantages, copo_blend_weight, encode_answers
-from grouprl_core.gold import plan_gold_injection
-from grouprl_core.groups import zero_variance_mask
+from grouprl_core import names
+from grouprl_core.copo import answer_keys, copo_advantages, copo_blend_weight, encode_answers, normalise_answer
+from grouprl_core.gold import fit_gold_completion, plan_gold_injection
+from grouprl_core.gpg import gpg_needs_more, group_valid_flags, plan_gpg_batch, usable_valid_groups
 from grouprl_core.guidance import dynamic_filter_keep, guidance_token_weights
 
 from .config import COPOOptions, GCPOOptions, GPGOptions, GuidanceOptions
 from .estimators import group_ids_from_index
+
+
+_WARNED: set[str] = set()  # warnings already shown in this process (the trainer runs in one process)
+
+
+def _warn_once(key: str, message: str) -> None:
+    if key not in _WARNED:
+        _WARNED.add(key)
+        warnings.warn(message, UserWarning, stacklevel=3)
 
 
 def batch_group_ids(data: DataProto, who: str) -> torch.Tensor:
@@ -66,29 +81,47 @@ def attach_copo_fields(data: DataProto, options: COPOOptions) -> dict[str, float
     """Attach COPO's per-sample ``grouprl_copo_local``, ``grouprl_copo_global``, ``grouprl_copo_weight``.
 
     Formulas: :mod:`grouprl_core.copo` (Han et al., arXiv 2508.04138). The answers come from
-    ``non_tensor_batch[options.answer_key]`` (e.g. math_dapo's ``pred``; compared as strings, as
-    the official code); ``answer_key: null`` uses the reward values as answers (SPEC's fallback).
-    The batch is the whole generation batch, so the standardisation of ``A^glob`` is global.
+    ``non_tensor_batch[options.answer_key]`` (e.g. math_dapo's or grouprl's ``pred``; compared as
+    strings, as the official code). A row without an answer (``""``, blank or None) is keyed by its
+    reward value, exactly as the TRL trainer keys a completion its extractor finds nothing in
+    (:func:`grouprl_core.copo.answer_keys`); ``answer_key: null`` keys every row by its reward. The
+    batch is the whole generation batch, so the standardisation of ``A^glob`` is global.
     """
     rewards = outcome_rewards(data).to(torch.float32)
     group_ids = batch_group_ids(data, "grouprl_copo")
     if options.answer_key is None:
-        answers = [repr(float(r)) for r in rewards.tolist()]
+        answers = [None] * len(data)
     else:
-        answers = [str(a) for a in _non_tensor(data, options.answer_key, "algorithm.grouprl.copo.answer_key")]
+        answers = list(_non_tensor(data, options.answer_key, "algorithm.grouprl.copo.answer_key"))
+    answers = [normalise_answer(a) for a in answers]
     result = copo_advantages(
-        rewards, group_ids, encode_answers(answers),
+        rewards, group_ids, encode_answers(answer_keys(answers, rewards.tolist())),
         gate_k=options.gate_k, gate_b=options.gate_b, eps=options.eps, entropy_reward_coef=options.entropy_reward_coef,
     )
     weight = copo_blend_weight(result.gate, rewards, result.local, options.blend)
     data.batch["grouprl_copo_local"] = result.local.to(torch.float32)
     data.batch["grouprl_copo_global"] = result.global_.to(torch.float32)
     data.batch["grouprl_copo_weight"] = weight.to(torch.float32)
+    fallback_frac = sum(a is None for a in answers) / max(len(answers), 1)
+    if fallback_frac > 0 and options.answer_key is not None:
+        _warn_once(
+            "copo_fallback",
+            f"COPO: {100 * fallback_frac:.0f}% of the batch's rows have no answer in "
+            f"'{options.answer_key}'; their reward values stand in as answers for the consistency entropy "
+            f"(see {names.COPO_EXTRACT_FALLBACK_FRAC}; this warning is not repeated).")
     return {
-        "copo/consistency_entropy": float(result.entropy.mean()),
-        "copo/gate_mean": float(result.gate.mean()),
-        "copo/global_std": result.global_std,
+        names.COPO_CONSISTENCY_ENTROPY: _mean_per_group(result.entropy, group_ids),
+        names.COPO_GATE_MEAN: _mean_per_group(result.gate, group_ids),
+        names.COPO_GLOBAL_ADV_STD: result.global_std,
+        names.COPO_LOCAL_WEIGHT_MEAN: float(weight.mean()),
+        names.COPO_EXTRACT_FALLBACK_FRAC: fallback_frac,
     }
+
+
+def _mean_per_group(per_sample: torch.Tensor, group_ids: torch.Tensor) -> float:
+    """Mean over groups of a value every sample of a group carries (each prompt counts once, as TRL logs it)."""
+    per_group = per_sample.new_zeros(int(group_ids.max()) + 1).scatter_(0, group_ids, per_sample)
+    return float(per_group.mean())
 
 
 # ----------------------------------------------------------------------------- GCPO-guidance
@@ -100,7 +133,7 @@ def guidance_filter(data: DataProto, options: GuidanceOptions) -> tuple[dict[str
     the DP size). Returns the metrics and whether no group is left (then the update is skipped).
     """
     if not options.dynamic_filter:
-        return {"guidance/kept_frac": 1.0}, False
+        return {}, False  # as the TRL trainer: no filter, no filter metrics
     group_ids = batch_group_ids(data, "grouprl_guidance")
     if options.accuracy_key is None:
         accuracy = outcome_rewards(data).to(torch.float32)
@@ -108,13 +141,24 @@ def guidance_filter(data: DataProto, options: GuidanceOptions) -> tuple[dict[str
         raw = _non_tensor(data, options.accuracy_key, "algorithm.grouprl.guidance.accuracy_key")
         accuracy = torch.tensor([0.0 if a is None else float(a) for a in raw], dtype=torch.float32)
         accuracy = torch.nan_to_num(accuracy, nan=0.0)
+    outside = (accuracy < 0.0) | (accuracy > 1.0)
+    if outside.any():  # as GuidanceGCPOTrainer: the filter needs a correctness score, or it drops every group
+        source = ("the reward score (rm_scores)" if options.accuracy_key is None
+                  else f"reward extra {options.accuracy_key!r}")
+        raise ValueError(
+            f"the guidance dynamic filter reads {source} as accuracy and keeps groups whose mean accuracy is strictly "
+            f"between {options.filter_low} and {options.filter_high}, but {int(outside.sum())} of {accuracy.numel()} "
+            f"values lie outside [0, 1] (e.g. {float(accuracy[outside][0]):g}). Set "
+            "algorithm.grouprl.guidance.accuracy_key to a reward extra holding 1 for a correct and 0 for a wrong "
+            "response (e.g. acc), or algorithm.grouprl.guidance.dynamic_filter=false."
+        )
     keep = dynamic_filter_keep(accuracy, group_ids, options.filter_low, options.filter_high)
     drop = (~keep).unsqueeze(-1)
     data.batch["response_mask"] = data.batch["response_mask"].masked_fill(drop, 0)
     if "advantages" in data.batch.keys():
         data.batch["advantages"] = data.batch["advantages"].masked_fill(drop, 0.0)
     kept = float(keep.float().mean())
-    return {"guidance/kept_frac": kept, "guidance/skipped_step": float(not keep.any())}, not bool(keep.any())
+    return {names.GUIDANCE_KEPT_FRAC: kept, names.GUIDANCE_SKIPPED_STEP: float(not keep.any())}, not bool(keep.any())
 
 
 def negative_context_batch(data: DataProto, negative_prompt_ids: list[list[int]], pad_token_id: int) -> DataProto:
@@ -167,8 +211,8 @@ def apply_guidance_weights(data: DataProto, neg_log_probs: torch.Tensor, options
     data.batch["advantages"] = data.batch["advantages"] * weights.to(data.batch["advantages"].dtype)
     m = mask.float()
     return {
-        "guidance/weight_max": float((weights * m).max()) if m.any() else 0.0,
-        "guidance/divergence_mean": float((divergence * m).sum() / m.sum().clamp(min=1.0)),
+        names.GUIDANCE_WEIGHT_MAX: float((weights * m).max()) if m.any() else 0.0,
+        names.GUIDANCE_DIVERGENCE_MEAN: float((divergence * m).sum() / m.sum().clamp(min=1.0)),
     }
 
 
@@ -266,117 +310,162 @@ def inject_gold(
     gold_ids: list[list[int] | None],
     score_rows: Callable[[DataProto], DataProto],
     pad_token_id: int,
+    eos_token_id: int,
 ) -> tuple[dict[str, float], list[int]]:
-    """GCPO-gold (Wu & Liu, arXiv 2510.07790) [PROPOSAL]: put the reference solution into groups with no
-    correct rollout (``reward >= correct_threshold``), replacing the group's last row, in place.
+    """GCPO-gold (Wu & Liu, arXiv 2510.07790; our reading in docs/algorithms.md): put the reference
+    solution into groups with no correct rollout (``reward >= correct_threshold``), replacing the group's
+    last row, in place.
 
-    ``gold_ids[i]`` is the rendered reference completion of row i's prompt (None or [] = no gold).
-    ``score_rows(batch)`` scores the rewritten rows (:func:`gold_scoring_batch`) the way the run scores
-    every rollout (verl's reward loop and configured reward manager) and returns its ``rm_scores``
+    ``gold_ids[i]`` is the token ids of row i's rendered reference (:func:`grouprl_core.gold.render_gold`,
+    no EOS), None when the prompt has no reference. The ids are fitted to the response width as a sampled
+    response looks (:func:`grouprl_core.gold.fit_gold_completion`: EOS when it fits, else cut without
+    EOS). ``score_rows(batch)`` scores the rewritten rows (:func:`gold_scoring_batch`) the way the run
+    scores every rollout (verl's reward loop and configured reward manager) and returns its ``rm_scores``
     and reward extras, which replace the rows' (never assumed correct). Must run after rewards and
     before the old log-prob pass, so the gold rows get their old log-probs from that pass. Returns
-    the metrics and the replaced rows.
+    the metrics (the TRL trainer's names and rules) and the replaced rows.
     """
     rewards = outcome_rewards(data).to(torch.float32)
     group_ids = batch_group_ids(data, "grouprl_gcpo")
     if len(gold_ids) != len(data):
         raise ValueError(f"{len(gold_ids)} gold completions for {len(data)} rows")
-    has_gold = torch.tensor([bool(g) for g in gold_ids])
+    has_gold = torch.tensor([g is not None for g in gold_ids])
     plan = plan_gold_injection(rewards >= options.correct_threshold, group_ids, has_gold,
                                trigger=options.trigger, placement=options.placement)
     rows = plan.replace_index.tolist()
-    truncated = sum(write_response(data, row, gold_ids[row], pad_token_id) for row in rows)
-    scores = []
+    width = data.batch["responses"].size(1)
+    truncated = 0
+    for row in rows:
+        ids, cut = fit_gold_completion(gold_ids[row], eos_token_id, width)
+        write_response(data, row, ids, pad_token_id)
+        truncated += int(cut)
+    num_groups = int(group_ids.max()) + 1
+    metrics = {names.GOLD_INJECTED_FRAC: plan.num_injected / num_groups}
+    if options.trigger != "never":  # the policy's own reward, comparable with GRPO's
+        metrics[names.GOLD_SAMPLED_REWARD_MEAN] = float(rewards.mean())
     if rows:
         scored = score_rows(gold_scoring_batch(data, rows))
         write_scored_rows(data, rows, scored)
-        scores = scored.batch["rm_scores"].sum(-1).tolist()
-    num_groups = int(group_ids.max()) + 1
-    return {
-        "gold/injected_frac": plan.num_injected / num_groups,
-        "gold/reward_mean": float(np.mean(scores)) if scores else 0.0,
-        "gold/truncated": float(truncated),
-    }, rows
+        gold_rewards = scored.batch["rm_scores"].sum(-1).float()
+        below = gold_rewards < options.correct_threshold
+        metrics[names.GOLD_REWARD_MEAN] = float(gold_rewards.mean())
+        metrics[names.GOLD_TRUNCATED_FRAC] = truncated / len(rows)
+        metrics[names.GOLD_BELOW_THRESHOLD_FRAC] = float(below.float().mean())
+        if below.any():
+            _warn_gold_below_threshold(int(below.sum()), len(rows), truncated, float(gold_rewards.min()), options,
+                                       data.batch["responses"].size(1))
+    return metrics, rows
+
+
+def _warn_gold_below_threshold(num_below: int, num_injected: int, num_truncated: int, lowest: float,
+                               options: GCPOOptions, width: int) -> None:
+    """Gold that does not count as correct leaves its group without contrast (the TRL trainer warns the same,
+    once per run)."""
+    if num_truncated:
+        cause = (f"{num_truncated} of them were cut at the response length {width} (data.max_response_length): "
+                 "raise it, or use a shorter algorithm.grouprl.gcpo.gold_template / reference")
+    else:
+        cause = "none was cut, so the reward function does not accept the rendered gold"
+    _warn_once(
+        "gold_below_threshold",
+        f"GCPO-gold: {num_below} of {num_injected} injected gold completions scored below "
+        f"algorithm.grouprl.gcpo.correct_threshold={options.correct_threshold:g} (lowest {lowest:g}), so their groups "
+        f"still have no correct member; {cause}. gold_template={options.gold_template!r}, solution_key="
+        f"{options.solution_key!r}. Counted per step in {names.GOLD_BELOW_THRESHOLD_FRAC}; this warning is not repeated.")
 
 
 # ----------------------------------------------------------------------------- GPG threshold
+def group_order(batch: DataProto) -> list[str]:
+    """The batch's groups (uids) in the order of their first row."""
+    return list(dict.fromkeys(str(u) for u in batch.non_tensor_batch["uid"]))
+
+
 @dataclass
 class GPGGroupAssembler:
     """GPG's valid-fraction threshold beta_th with carry-over, on whole groups (uids) of DataProtos.
 
-    While fewer than ``valid_threshold`` of the batch's groups are valid (non-equal rewards), another
-    generation round is requested (at most ``max_resample_rounds``); valid groups of every round
-    are kept, oldest first (carried groups first), and the batch is filled up with the last
-    round's zero-variance groups. Valid groups that do not fit are carried to the next step (at
-    most one batch worth; one optimizer step old, as in the TRL GPGTrainer). The assembled batch
-    has exactly as many rows as the first round, so verl's batch-size invariants hold.
+    The rule is grouprl_core's, shared with the TRL ``GPGTrainer``: :func:`~grouprl_core.gpg.group_valid_flags`
+    judges each round's groups, :func:`~grouprl_core.gpg.gpg_needs_more` asks for another generation round
+    while the usable valid fraction (:func:`~grouprl_core.gpg.usable_valid_groups`) is below
+    ``valid_threshold`` (at most ``max_resample_rounds``), and :func:`~grouprl_core.gpg.plan_gpg_batch`
+    picks the groups: valid ones oldest first (carried groups first), then the last round's zero-variance
+    groups; valid groups that do not fit are carried to the next step (at most one batch worth, one
+    optimizer step old). This class only moves DataProto rows. Within a round, groups count in generation
+    order (``first_order`` for the step's batch, which verl has balanced by then; row order for extra rounds
+    and the carry), as TRL counts them in sampling order. The assembled batch has exactly as many rows as
+    the first round, so verl's batch-size invariants hold.
     """
 
     options: GPGOptions
     carry: DataProto | None = None
 
     @staticmethod
-    def _groups(batch: DataProto) -> tuple[list[str], dict[str, list[int]], set[str]]:
+    def _round(batch: DataProto, order: list[str] | None = None) -> tuple[list[str], list[bool]]:
+        """The round's groups (uids, in ``order`` or row order) and whether each is valid (non-equal rewards)."""
         uids = [str(u) for u in batch.non_tensor_batch["uid"]]
-        rows: dict[str, list[int]] = {}
-        for i, u in enumerate(uids):
-            rows.setdefault(u, []).append(i)
-        order = list(rows)
-        zero_var = zero_variance_mask(outcome_rewards(batch).float(), batch_group_ids(batch, "grouprl_gpg"))
-        valid = {u for u in order if not bool(zero_var[rows[u][0]])}
-        return order, rows, valid
+        order = group_order(batch) if order is None else list(order)
+        if sorted(order) != sorted(set(uids)):
+            raise ValueError(f"GPG threshold: the group order names {len(order)} uids, the batch holds other groups")
+        index = {u: k for k, u in enumerate(order)}
+        group_ids = torch.tensor([index[u] for u in uids])
+        return order, group_valid_flags(outcome_rewards(batch).float(), group_ids)
 
-    def assemble(self, first: DataProto, generate_more: Callable[[], DataProto]) -> tuple[DataProto, dict[str, float]]:
+    def assemble(self, first: DataProto, generate_more: Callable[[], DataProto],
+                 first_order: list[str] | None = None) -> tuple[DataProto, dict[str, float]]:
+        """The step's batch from ``first`` (groups in ``first_order``, default row order), the carried groups and
+        extra rounds of ``generate_more()``; returns it and the metrics (TRL's names)."""
         opts = self.options
-        order, _, valid_first = self._groups(first)
-        n_groups = len(order)
         if opts.valid_threshold <= 0:
-            return first, {"gpg/resample_rounds": 0.0}
-        rounds: list[DataProto] = []
-        chosen_pool: list[tuple[int, str]] = []  # (round, uid), oldest first
-        if self.carry is not None and opts.carry_over:
-            rounds.append(self.carry)
-            chosen_pool += [(0, u) for u in self._groups(self.carry)[0]]
-        num_carried = len(chosen_pool)
+            return first, {names.GPG_RESAMPLE_ROUNDS: 0.0}
+        rounds: list[DataProto] = []  # oldest first: the carry (if any), the step's batch, extra rounds
+        orders: list[list[str]] = []  # each round's groups (uids), in generation order
+        round_valid: list[list[bool]] = []  # each round's validity flags, in that order
+
+        def add_round(batch: DataProto, order: list[str], valid: list[bool]) -> None:
+            rounds.append(batch)
+            orders.append(order)
+            round_valid.append(valid)
+
+        carried = self.carry is not None and opts.carry_over
+        if carried:
+            order, _ = self._round(self.carry)
+            add_round(self.carry, order, [True] * len(order))  # carried groups were valid when kept
         self.carry = None
-        rounds.append(first)
-        chosen_pool += [(len(rounds) - 1, u) for u in order if u in valid_first]
+        add_round(first, *self._round(first, first_order))
+        n_groups = len(orders[-1])
         extra = 0
-        while min(len(chosen_pool), n_groups) / n_groups < opts.valid_threshold and extra < opts.max_resample_rounds:
+        while gpg_needs_more(usable_valid_groups(round_valid, n_groups) / n_groups, threshold=opts.valid_threshold,
+                             extra_rounds=extra, max_rounds=opts.max_resample_rounds):
             extra += 1
             batch = generate_more()
-            rounds.append(batch)
-            b_order, _, b_valid = self._groups(batch)
-            chosen_pool += [(len(rounds) - 1, u) for u in b_order if u in b_valid]
-        chosen, leftover = chosen_pool[:n_groups], chosen_pool[n_groups:]
-        if len(chosen) < n_groups:  # fill with the last round's zero-variance groups
-            last = len(rounds) - 1
-            taken = {u for r, u in chosen if r == last}
-            fillers = [(last, u) for u in self._groups(rounds[last])[0] if u not in taken]
-            chosen += fillers[: n_groups - len(chosen)]
-        assembled = _select_groups(rounds, chosen)
+            add_round(batch, *self._round(batch))
+        plan = plan_gpg_batch(round_valid, n_groups, carry_over=opts.carry_over, carried_round=carried)
+        assembled = _select_groups(rounds, orders, plan.chosen)
         if len(assembled) != len(first):
             raise ValueError(
                 f"GPG threshold: assembled {len(assembled)} rows from groups of unequal size, expected {len(first)}; "
                 "every prompt must have rollout.n responses"
             )
-        if leftover and opts.carry_over:
-            self.carry = _select_groups(rounds, leftover[:n_groups])
-        used_carry = sum(1 for r, _ in chosen if r == 0 and num_carried)
+        if plan.carry:
+            self.carry = _select_groups(rounds, orders, plan.carry)
         return assembled, {
-            "gpg/resample_rounds": float(extra),
-            "gpg/extra_prompts": float(extra * n_groups),
-            "gpg/carried_frac": used_carry / n_groups,
+            names.GPG_RESAMPLE_ROUNDS: float(extra),
+            names.GPG_EXTRA_PROMPTS: float(extra * n_groups),
+            names.GPG_CARRIED_FRAC: plan.num_carried_used / n_groups,
         }
 
 
-def _select_groups(rounds: list[DataProto], pairs: list[tuple[int, str]]) -> DataProto:
+def _select_groups(rounds: list[DataProto], orders: list[list[str]], pairs: list[tuple[int, int]]) -> DataProto:
+    """The rows of the groups ``pairs`` (``(round, group index in orders[round])``), in the order of ``pairs``."""
     pieces = []
     for r, batch in enumerate(rounds):
-        wanted = {u for rr, u in pairs if rr == r}
+        wanted = [orders[r][k] for rr, k in pairs if rr == r]
         if not wanted:
             continue
-        idx = [i for i, u in enumerate(batch.non_tensor_batch["uid"]) if str(u) in wanted]
+        rows_of: dict[str, list[int]] = {}
+        for i, u in enumerate(batch.non_tensor_batch["uid"]):
+            rows_of.setdefault(str(u), []).append(i)
+        idx = [i for u in wanted for i in rows_of[u]]
         piece = batch.select_idxs(np.asarray(idx, dtype=np.int64))
         # select_idxs shares the round's meta_info (its global_token_num, ...), which DataProto.concat requires
         # to agree across pieces; the rows are copied into the step's batch, which keeps its own meta_info

@@ -4,6 +4,8 @@ It implements the hooks of :class:`grouprl_verl._compat.RayPPOTrainerHooks`, whi
 steps of ``verl.trainer.ppo.ray_trainer.RayPPOTrainer`` that ``fit`` calls at the right moments to named
 hooks; ``fit`` itself is verl's:
 
+* ``before_balance``: GPG records the step's groups in generation order before ``_balance_batch`` sorts the
+  rows by length (the threshold counts a round's groups in that order, as TRL in sampling order).
 * ``prepare_rewards`` (when verl balances the batch or gets a colocated reward model's scores, before
   ``fit`` takes references to the reward extras): the reward-extra arrays become object arrays, so rows
   rewritten later keep full values.
@@ -42,6 +44,7 @@ import torch
 from omegaconf import OmegaConf
 from verl import DataProto
 
+from grouprl_core.gold import render_gold
 from grouprl_core.groups import zero_variance_mask
 
 from . import estimators, hooks, losses
@@ -59,6 +62,9 @@ ESTIMATOR_TO_ALGO = {
     estimators.GPG: "gpg", estimators.GCPO: "gcpo", estimators.COPO: "copo", estimators.GUIDANCE: "guidance",
 }
 GPG_STATE_FILE = "grouprl_gpg.pt"
+# verl only: the step's actor update was skipped (no learning signal). The TRL trainers skip the optimizer step
+# inside their loss and log the algorithm's own ``gpg/skipped_step`` / ``guidance/skipped_step``, which verl logs too.
+SKIPPED_UPDATE = "grouprl/skipped_update"
 
 
 def grouprl_settings(config) -> tuple[str | None, object]:
@@ -123,6 +129,7 @@ class GroupRLRayPPOTrainer(RayPPOTrainerHooks):
             self.grouprl_algo == "gpg" and self.grouprl_options.valid_threshold > 0)
         self._resample_loader = None
         self._resample_iter = None
+        self._generation_order = None  # GPG: the step's groups before _balance_batch reordered them
 
     # ------------------------------------------------------------------ workers
     def init_workers(self):
@@ -131,6 +138,13 @@ class GroupRLRayPPOTrainer(RayPPOTrainerHooks):
             actor_config = omega_conf_to_dataclass(self.config.actor_rollout_ref.actor)
             # mirrors ActorRolloutRefWorker.init_model (engine_workers.py:643): partial(ppo_loss, config=actor_config)
             self.actor_rollout_wg.set_loss_fn(partial(losses.grouprl_ppo_loss, config=actor_config))
+
+    # ------------------------------------------------------------------ before verl balances the batch
+    def before_balance(self, batch: DataProto) -> None:
+        # GPG counts a round's groups in generation order (as TRL in sampling order); _balance_batch sorts rows by
+        # length, which would otherwise decide which valid groups train now and which are carried (one step old)
+        if self._gpg_assembler is not None:
+            self._generation_order = hooks.group_order(batch)
 
     # ------------------------------------------------------------------ before fit takes the reward extras
     def prepare_rewards(self, data: DataProto) -> None:
@@ -145,11 +159,13 @@ class GroupRLRayPPOTrainer(RayPPOTrainerHooks):
             metrics, self._gold_rows = self._inject_gold(batch)
             self._grouprl_metrics.update(metrics)
         elif self.grouprl_algo == "gpg" and self.grouprl_options.valid_threshold > 0:
-            assembled, metrics = self._gpg_assembler.assemble(batch, self._generate_round)
+            order = getattr(self, "_generation_order", None)  # None: no balancing, rows are in generation order
+            assembled, metrics = self._gpg_assembler.assemble(batch, self._generate_round, first_order=order)
             if assembled is not batch:
                 if self.config.trainer.balance_batch:
                     self.balance(assembled)  # the DP token balance of the rows trained
                 hooks.replace_in_place(batch, assembled)
+            self._generation_order = None  # used (and the order of the assembled rows is no round's)
             self._grouprl_metrics.update(metrics)
 
     def after_old_log_prob(self, batch: DataProto, old_log_prob: DataProto) -> None:
@@ -164,9 +180,12 @@ class GroupRLRayPPOTrainer(RayPPOTrainerHooks):
         gold_ids = [self._gold_ids(batch, i) for i in range(len(batch))]
         # scored the way fit scores a colocated reward model's batch: verl's reward loop workers, each row
         # through the configured reward manager (DAPO's overlong penalty, sandbox, reward model, ...)
-        return hooks.inject_gold(batch, self.grouprl_options, gold_ids, self.score_rows, self.tokenizer.pad_token_id)
+        return hooks.inject_gold(batch, self.grouprl_options, gold_ids, self.score_rows, self.tokenizer.pad_token_id,
+                                 self.tokenizer.eos_token_id)
 
     def _gold_ids(self, batch: DataProto, row: int) -> list[int] | None:
+        """Token ids of row ``row``'s rendered reference (:func:`grouprl_core.gold.render_gold`: None when it has
+        none, i.e. None or blank), tokenised as the TRL trainer does (no special tokens; EOS is added when fitted)."""
         key = self.grouprl_options.solution_key
         if key in batch.non_tensor_batch:
             solution = batch.non_tensor_batch[key][row]
@@ -178,10 +197,10 @@ class GroupRLRayPPOTrainer(RayPPOTrainerHooks):
                     "Add the reference solution to your parquet (column or extra_info) or change solution_key."
                 )
             solution = extra[row][key]
-        if solution is None or str(solution) == "":
-            return None
-        text = self.grouprl_options.gold_template.format(solution=solution)
-        return self.tokenizer.encode(text, add_special_tokens=False) + [self.tokenizer.eos_token_id]
+        if isinstance(solution, np.generic):  # a numpy scalar from a numeric column: its Python value
+            solution = solution.item()
+        text = render_gold(self.grouprl_options.gold_template, solution)
+        return None if text is None else self.tokenizer.encode(text, add_special_tokens=False)
 
     # ------------------------------------------------------------------ GPG extra rounds
     def _make_resample_loader(self):
@@ -283,7 +302,7 @@ class GroupRLRayPPOTrainer(RayPPOTrainerHooks):
             rewards = hooks.outcome_rewards(batch).float()
             skip = bool(zero_variance_mask(rewards, hooks.batch_group_ids(batch, "grouprl_gpg")).all())
         if skip:  # no learning signal: no optimizer step at all
-            metrics["grouprl/skipped_update"] = 1.0
+            metrics[SKIPPED_UPDATE] = 1.0
             return DataProto.from_single_dict(data={}, meta_info={"metrics": metrics})
         output = run_update(batch)
         output.meta_info["metrics"].update(metrics)

@@ -25,6 +25,7 @@ TRL_FACING = {
     "test_recipes.py",
     "test_reliability.py",
     "test_reliability_gold.py",
+    "test_shared_defaults.py",
     "test_trl_adapter.py",
     "test_trl_contract.py",
 }

@@ -128,14 +128,22 @@ def test_gpg_options_group_norm_no_age_and_skip():
 
 # ----------------------------------------------------------------------------- GRPO family
 def test_gcpo_and_guidance_are_grpo_and_match_verl_grpo():
-    # group [1,0,0,0]: mean .25, unbiased std sqrt(.75/3) = .5 -> [1.5, -.5, -.5, -.5]; group [1,1,1,1] -> 0
+    # group [1,0,0,0]: mean .25, unbiased std sqrt(.75/3) = .5 -> (r - .25) / (.5 + eps); group [1,1,1,1] -> 0
     rewards = [1, 0, 0, 0, 1, 1, 1, 1]
-    expected = [1.5, -0.5, -0.5, -0.5, 0, 0, 0, 0]
-    verl_grpo = per_sample(advantages_of(make_batch(rewards, 4), "grpo"), make_batch(rewards, 4))
-    for name in ("grouprl_gcpo", "grouprl_guidance", "grouprl_copo"):
-        adv = per_sample(advantages_of(make_batch(rewards, 4, lengths=[1, 2, 3, 4] * 2), name), make_batch(rewards, 4, lengths=[1, 2, 3, 4] * 2))
-        assert adv.tolist() == pytest.approx(expected, abs=1e-5), name
-        assert torch.allclose(adv, verl_grpo, atol=1e-5), name
+    batch = make_batch(rewards, 4, lengths=[1, 2, 3, 4] * 2)
+    verl_grpo = per_sample(advantages_of(make_batch(rewards, 4), "grpo"), make_batch(rewards, 4))  # verl's eps 1e-6
+
+    def expected(eps):
+        return [0.75 / (0.5 + eps)] + [-0.25 / (0.5 + eps)] * 3 + [0.0] * 4
+
+    # GCPO-gold and guidance default to TRL's GRPO eps (1e-4), COPO to the official code's 1e-6
+    for name, block, eps in (("grouprl_gcpo", "gcpo", 1e-4), ("grouprl_guidance", "guidance", 1e-4),
+                             ("grouprl_copo", "copo", 1e-6)):
+        adv = per_sample(advantages_of(batch, name), batch)
+        assert adv.tolist() == pytest.approx(expected(eps), rel=1e-6), name
+        # with verl's eps they are verl's grpo
+        adv = per_sample(advantages_of(batch, name, **{block: {"eps": 1e-6}}), batch)
+        assert torch.allclose(adv, verl_grpo, atol=1e-6), name
 
 
 def test_norm_adv_by_std_false_drops_the_std():

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import warnings
 
 import numpy as np
 import pytest
@@ -18,7 +19,7 @@ import grouprl_verl.register  # noqa: E402,F401
 from grouprl_verl import hooks  # noqa: E402
 from grouprl_verl.config import COPOOptions, GCPOOptions, GPGOptions, GuidanceOptions  # noqa: E402
 
-PAD = 0
+PAD, EOS = 0, 99
 
 
 def scored_batch(rewards, group_size, width=3, uid_prefix="p", extra=None, meta_info=None):
@@ -64,6 +65,52 @@ def test_copo_answers_fallback_and_missing_key():
         hooks.attach_copo_fields(scored_batch([1, 0], 2), COPOOptions())
 
 
+def test_copo_rows_without_an_answer_are_keyed_by_their_reward_as_in_trl():
+    """A row whose ``pred`` is "", blank or None has no answer: it counts as equal to another answerless row
+    exactly when their rewards are equal (grouprl_core.copo.answer_keys, what the TRL trainer does); it is
+    not one shared answer "" (nor "None")."""
+    preds = np.array(["7", "", None, "7", "  ", "9", "", "9"], dtype=object)
+    batch = scored_batch([1, 0, 0, 1, 1, 1, 0, 1], 4, extra={"pred": preds})
+    metrics = hooks.attach_copo_fields(batch, COPOOptions())
+    # group 0 by hand: 7, (no answer, r=0), (no answer, r=0), 7 -> two keys of 2 -> H = 1 bit
+    # group 1: (no answer, r=1), 9, (no answer, r=0), 9 -> counts 1, 2, 1 -> H = 1.5 bits
+    h = [1.0, 1.5]
+    gate = [1 / (1 + math.exp(-5 * (x - 1))) for x in h]
+    assert batch.batch["grouprl_copo_weight"].tolist() == pytest.approx([gate[0]] * 4 + [gate[1]] * 4, rel=1e-5)
+    assert metrics["copo/consistency_entropy"] == pytest.approx(sum(h) / 2, rel=1e-6)
+    assert metrics["copo/extract_fallback_frac"] == 0.5  # four rows of eight have no answer
+    assert metrics["copo/local_weight_mean"] == pytest.approx(sum(gate) / 2, rel=1e-5)  # only-soft: w~ = w_q
+
+
+def test_verl_logs_the_trl_metric_names():
+    """Every metric the verl hooks and estimators log is one of grouprl_core.names (TRL's spelling)."""
+    from grouprl_core import names
+    from grouprl_verl import estimators
+
+    known = {v for k, v in vars(names).items() if k.isupper()}
+    logged = {}
+    copo = scored_batch([1, 0, 0, 0, 1, 1, 0, 1], 4, extra={"pred": np.array(list("53372242"), dtype=object)})
+    logged.update(hooks.attach_copo_fields(copo, COPOOptions()))
+    assert set(logged) - known == set()  # COPO's first: copo/global_std was verl's name for copo/global_adv_std
+    gold = gold_batch()
+    hooks.object_extras(gold)
+    logged.update(hooks.inject_gold(gold, GCPOOptions(), [[11, 12, 13]] * 4, reward_loop(1.0), PAD, EOS)[0])
+    guided = scored_batch([0, 1, 1, 1], 2)
+    guided.batch["advantages"] = torch.ones(4, 3)
+    logged.update(hooks.guidance_filter(guided, GuidanceOptions())[0])
+    guided.batch["old_log_probs"] = torch.zeros(4, 3)
+    logged.update(hooks.apply_guidance_weights(guided, torch.zeros(4, 3), GuidanceOptions()))
+    logged.update(hooks.GPGGroupAssembler(GPGOptions()).assemble(scored_batch([1, 0, 1, 0], 2), lambda: None)[1])
+    compute_advantage(scored_batch([1, 0, 1, 1], 2).union(DataProto.from_dict(
+        tensors={"token_level_rewards": torch.tensor([[0, 0, 1.0], [0, 0, 0], [0, 0, 1], [0, 0, 1]])})),
+        adv_estimator="grouprl_gpg", config=OmegaConf.create({"grouprl": {}}))
+    logged.update(estimators.LAST_METRICS)
+    assert set(logged) - known == set()
+    assert {"copo/global_adv_std", "gold/truncated_frac", "gold/sampled_reward_mean", "copo/local_weight_mean",
+            "copo/extract_fallback_frac", "gpg/alpha", "guidance/kept_frac", "gpg/carried_frac"} <= set(logged)
+    assert logged["gold/truncated_frac"] == 1.0  # [11, 12, 13] + EOS does not fit a width of 3: cut
+
+
 # ----------------------------------------------------------------------------- guidance
 def test_guidance_filter_masks_extreme_groups_and_skips_when_none_left():
     batch = scored_batch([0, 0, 1, 0, 1, 1], 2)
@@ -79,6 +126,9 @@ def test_guidance_filter_masks_extreme_groups_and_skips_when_none_left():
     batch = scored_batch([5, 5, 5, 5], 2, extra={"acc": np.array([1.0, None, 1.0, 1.0], dtype=object)})
     metrics, _ = hooks.guidance_filter(batch, GuidanceOptions(accuracy_key="acc"))
     assert batch.batch["response_mask"].sum(-1).tolist() == [3, 3, 0, 0]
+    # a reward outside [0, 1] is no accuracy (as the TRL trainer): 5 would drop every group silently
+    with pytest.raises(ValueError, match=r"reads the reward score .* outside \[0, 1\].*accuracy_key"):
+        hooks.guidance_filter(scored_batch([5, 5, 0, 5], 2), GuidanceOptions())
 
 
 def test_guidance_weights_by_hand():
@@ -158,46 +208,59 @@ def test_inject_gold_replaces_the_last_rollout_of_all_wrong_groups_and_rescores(
     batch = gold_batch()
     hooks.object_extras(batch)  # what the trainer does in _balance_batch, before fit takes the extras
     calls = []
-    metrics, rows = hooks.inject_gold(batch, GCPOOptions(), [[11, 12]] * 2 + [[13]] * 2, reward_loop(1.0, calls=calls),
-                                      PAD)
+    # the rendered reference's ids [11] get EOS, as a sampled response that stopped (fit_gold_completion)
+    metrics, rows = hooks.inject_gold(batch, GCPOOptions(), [[11]] * 2 + [[13]] * 2, reward_loop(1.0, calls=calls),
+                                      PAD, EOS)
     (scored,) = calls  # scored once, after the rewrite, with the prompt's fields and verl's single-turn num_turns
-    assert rows == [1] and scored.batch["responses"].tolist() == [[11, 12, PAD]]
+    assert rows == [1] and scored.batch["responses"].tolist() == [[11, EOS, PAD]]
     assert scored.non_tensor_batch["data_source"].tolist() == ["toy"]
     assert scored.non_tensor_batch["__num_turns__"].tolist() == [2] and "pred" not in scored.non_tensor_batch
     b = batch.batch
-    assert b["responses"][1].tolist() == [11, 12, PAD] and b["response_mask"][1].tolist() == [1, 1, 0]
-    assert b["input_ids"][1].tolist() == [PAD, 21, 11, 12, PAD]
+    assert b["responses"][1].tolist() == [11, EOS, PAD] and b["response_mask"][1].tolist() == [1, 1, 0]
+    assert b["input_ids"][1].tolist() == [PAD, 21, 11, EOS, PAD]
     assert b["attention_mask"][1].tolist() == [0, 1, 1, 1, 0]
     assert b["position_ids"][1, 1:4].tolist() == [0, 1, 2]
     assert b["rm_scores"][1].tolist() == [0.0, 1.0, 0.0]  # on the last valid token
     assert batch.non_tensor_batch["acc"].tolist() == [False, True, True, False]
     assert batch.non_tensor_batch["pred"].tolist() == ["1", "42", "3", "4"]  # not cut to the rollouts' width
     assert b["responses"][0].tolist() == [4, 5, PAD] and b["responses"][3].tolist() == [5, PAD, PAD]
-    assert metrics == {"gold/injected_frac": 0.5, "gold/reward_mean": 1.0, "gold/truncated": 0.0}
-    # the GCPO estimator now sees a contrast in group a: rewards [0, 1] -> -/+ 0.5 / std(0.7071)
+    # the TRL trainer's names: sampled mean 1/4 (one correct rollout of four), gold mean 1, none cut
+    assert metrics == {"gold/injected_frac": 0.5, "gold/sampled_reward_mean": 0.25, "gold/reward_mean": 1.0,
+                       "gold/truncated_frac": 0.0, "gold/below_threshold_frac": 0.0}
+    # the GCPO estimator now sees a contrast in group a: rewards [0, 1] -> -/+ 0.5 / (std 0.7071 + 1e-4, TRL's eps)
     batch.batch["token_level_rewards"] = b["rm_scores"]
     out = compute_advantage(batch, adv_estimator="grouprl_gcpo", config=OmegaConf.create({"grouprl": {}}))
-    assert out.batch["advantages"][:2, 0].tolist() == pytest.approx([-1 / math.sqrt(2), 1 / math.sqrt(2)], rel=1e-5)
+    a = 0.5 / (math.sqrt(0.5) + 1e-4)
+    assert out.batch["advantages"][:2, 0].tolist() == pytest.approx([-a, a], rel=1e-6)
 
 
 def test_inject_gold_refuses_to_cut_an_extra_in_a_fixed_width_array():
     batch = gold_batch()  # without object_extras: verl's <U1 array cannot hold the gold row's "42"
     with pytest.raises(ValueError, match="cannot hold .*42.*balance_batch"):
-        hooks.inject_gold(batch, GCPOOptions(), [[11, 12]] * 4, reward_loop(1.0), PAD)
+        hooks.inject_gold(batch, GCPOOptions(), [[11, 12]] * 4, reward_loop(1.0), PAD, EOS)
 
 
-def test_inject_gold_without_gold_truncation_and_never():
+def test_inject_gold_without_gold_truncation_and_never(monkeypatch):
     batch = gold_batch()
-    metrics, rows = hooks.inject_gold(batch, GCPOOptions(), [None, None, [1], [1]], reward_loop(1.0), PAD)
+    metrics, rows = hooks.inject_gold(batch, GCPOOptions(), [None, None, [1], [1]], reward_loop(1.0), PAD, EOS)
     assert metrics["gold/injected_frac"] == 0.0 and rows == [] and batch.batch["responses"][1].tolist() == [6, PAD, PAD]
+    assert "gold/reward_mean" not in metrics and "gold/truncated_frac" not in metrics  # as TRL: only with a gold row
     batch = gold_batch()
     hooks.object_extras(batch)
-    metrics, _ = hooks.inject_gold(batch, GCPOOptions(), [[1, 2, 3, 4, 5]] * 4, reward_loop(0.0), PAD)
-    assert metrics["gold/truncated"] == 1.0 and batch.batch["responses"][1].tolist() == [1, 2, 3]
+    monkeypatch.setattr(hooks, "_WARNED", set())  # the warning is shown once per process
+    with pytest.warns(UserWarning, match="1 of 1 injected gold completions scored below.*cut at the response length 3"):
+        metrics, _ = hooks.inject_gold(batch, GCPOOptions(), [[1, 2, 3, 4, 5]] * 4, reward_loop(0.0), PAD, EOS)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # not repeated
+        again = gold_batch()
+        hooks.object_extras(again)
+        hooks.inject_gold(again, GCPOOptions(), [[1, 2, 3, 4, 5]] * 4, reward_loop(0.0), PAD, EOS)
+    assert metrics["gold/below_threshold_frac"] == 1.0  # scored 0 < correct_threshold 1
+    assert metrics["gold/truncated_frac"] == 1.0 and batch.batch["responses"][1].tolist() == [1, 2, 3]  # cut, no EOS
     assert batch.batch["rm_scores"][1].tolist() == [0.0, 0.0, 0.0]  # scored 0 (not assumed correct)
     batch = gold_batch()
-    assert hooks.inject_gold(batch, GCPOOptions(trigger="never"), [[1]] * 4, reward_loop(1.0), PAD)[0][
-        "gold/injected_frac"] == 0
+    assert hooks.inject_gold(batch, GCPOOptions(trigger="never"), [[1]] * 4, reward_loop(1.0), PAD, EOS)[0] == {
+        "gold/injected_frac": 0.0}
 
 
 # ----------------------------------------------------------------------------- GPG threshold

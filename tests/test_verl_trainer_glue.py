@@ -110,6 +110,21 @@ def test_guidance_weights_reach_the_actor_update():
     assert adv[0].mean() == pytest.approx(1.0, rel=1e-5)  # weights have mean 1 per sequence and A_i = 1 here
 
 
+def test_gold_ids_use_the_shared_template_and_empty_reference_rule():
+    """The reference is rendered with GCPOConfig's default template, a blank reference means no gold (as in TRL),
+    and a number is written with str()."""
+    from grouprl_trl.tiny import build_tokenizer
+
+    trainer = make_trainer("gcpo")
+    trainer.tokenizer = tok = build_tokenizer()
+    solutions = np.array(["7", "   ", None, "", np.int64(3)], dtype=object)
+    batch = DataProto.from_dict(tensors={"row": torch.arange(5).unsqueeze(1)}, non_tensors={"solution": solutions})
+    ids = [trainer._gold_ids(batch, i) for i in range(5)]
+    assert ids[1] is None and ids[2] is None and ids[3] is None
+    assert ids[0] == tok.encode("<think>\n7\n</think>\n\\boxed{7}", add_special_tokens=False)  # no EOS yet
+    assert ids[4] == tok.encode("<think>\n3\n</think>\n\\boxed{3}", add_special_tokens=False)
+
+
 def test_gpg_extra_rounds_stop_with_a_clear_error_when_no_full_batch_exists():
     """Defect 9: a training set without one full generation batch made _generate_round retry itself forever."""
     from types import SimpleNamespace
