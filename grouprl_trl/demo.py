@@ -8,7 +8,8 @@ Every algorithm starts from the same randomly initialised tiny Qwen2 (seeded) an
 the same toy task (see :mod:`grouprl_trl.tiny`: answer the digit ``(7 * digit sum + 3) mod 10``
 of the prompt digit; chance is about 1/42, so most groups start all-wrong, which is where
 GCPO-gold's reference answers help). It prints a table (reward at start and end, steps until the
-10-step mean reward reaches 0.5, steps/s after warm-up, GPG's extra generation rounds, peak RSS)
+10-step mean reward reaches 0.5, with the completions generated and the seconds of training up to
+that step, steps/s after warm-up, GPG's extra generation rounds, peak RSS)
 and writes ``reward_curves.png`` and ``results.json`` into ``--out``.
 
 ``--vllm`` generates the rollouts with vLLM in the training process (TRL's ``use_vllm=True,
@@ -24,7 +25,7 @@ import argparse
 import json
 import os
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -69,9 +70,12 @@ class RunResult:
     peak_rss_mb: float | None
     extra_rounds: list[float]  # GPG's threshold resampling: extra generation rounds per step
     cpu_seconds: float = float("nan")  # process CPU time over the same timed steps (robust to a busy machine)
+    completions: list[int] = field(default_factory=list)  # completions generated at each step
+    elapsed: list[float] = field(default_factory=list)  # seconds from the start of training to each step's end
 
     def summary(self, window: int) -> dict:
         w = max(1, min(window, len(self.rewards)))
+        half = steps_to_reach(self.rewards, 0.5, smooth=10)
         return {
             "algo": self.algo,
             "reward_start": sum(self.rewards[:w]) / w,
@@ -80,7 +84,10 @@ class RunResult:
             "cpu_s_per_step": self.cpu_seconds / self.steps if self.steps > 0 else float("nan"),
             "peak_rss_mb": self.peak_rss_mb,
             "extra_rounds_per_step": sum(self.extra_rounds) / len(self.extra_rounds) if self.extra_rounds else 0.0,
-            "steps_to_half": steps_to_reach(self.rewards, 0.5, smooth=10),
+            "steps_to_half": half,
+            # the cost that dominates real runs: GPG's resampling rounds count, injected gold rows do not
+            "completions_to_half": sum(self.completions[:half]) if half and self.completions else None,
+            "seconds_to_half": self.elapsed[half - 1] if half and len(self.elapsed) >= half else None,
         }
 
 
@@ -161,6 +168,9 @@ def run_algorithm(algo: str, steps: int, seed: int, out_dir: Path, lr: float, sh
     )
     rewards: list[float] = []
     extra_rounds: list[float] = []
+    completions: list[int] = []
+    prompts_per_step = config.per_device_train_batch_size * config.world_size // config.num_generations
+    train_start: list[float] = []
     step_ends: list[float] = []  # wall clock at the end of each optimizer step
     cpu_ends: list[float] = []  # process CPU time (all threads) at the same moments
     bar = tqdm(total=steps, desc=f"{LABELS[algo]:>14}", disable=not show_progress, leave=True)
@@ -172,8 +182,14 @@ def run_algorithm(algo: str, steps: int, seed: int, out_dir: Path, lr: float, sh
                 rewards.append(float(logs.get("gold/sampled_reward_mean", logs["reward"])))
                 if "gpg/resample_rounds" in logs:
                     extra_rounds.append(float(logs["gpg/resample_rounds"]))
+                # GPG logs the prompts it generated over all its rounds; the others generate one round
+                prompts = logs.get("gpg/generated_prompts", prompts_per_step)
+                completions.append(round(prompts) * config.num_generations)
                 bar.update(1)
                 bar.set_postfix(reward=f"{sum(rewards[-20:]) / len(rewards[-20:]):.3f}")
+
+        def on_train_begin(self, args, state, control, **kwargs):
+            train_start.append(time.perf_counter())
 
         def on_step_end(self, args, state, control, **kwargs):
             step_ends.append(time.perf_counter())
@@ -199,8 +215,9 @@ def run_algorithm(algo: str, steps: int, seed: int, out_dir: Path, lr: float, sh
     timed_steps = len(step_ends) - 1 - warmup
     seconds = step_ends[-1] - step_ends[warmup] if timed_steps > 0 else 0.0
     cpu_seconds = cpu_ends[-1] - cpu_ends[warmup] if timed_steps > 0 else float("nan")
+    elapsed = [end - train_start[0] for end in step_ends]
     return RunResult(algo, rewards, seconds, timed_steps, rss_mb("VmHWM") if measured else None, extra_rounds,
-                     cpu_seconds)
+                     cpu_seconds, completions, elapsed)
 
 
 def plot_curves(results: list[RunResult], path: Path, smooth: int = 10) -> None:
@@ -227,16 +244,18 @@ def plot_curves(results: list[RunResult], path: Path, smooth: int = 10) -> None:
 
 def format_table(rows: list[dict]) -> str:
     header = (
-        "| algorithm | reward start | reward end | steps to reward 0.5 | steps/s | extra gen. rounds/step"
-        " | peak RSS (MB) |"
+        "| algorithm | reward start | reward end | steps to reward 0.5 | completions to 0.5 | seconds to 0.5"
+        " | steps/s | extra gen. rounds/step | peak RSS (MB) |"
     )
-    lines = [header, "|---|---:|---:|---:|---:|---:|---:|"]
+    lines = [header, "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
         peak = f"{r['peak_rss_mb']:.0f}" if r["peak_rss_mb"] is not None else "n/a"
         half = r["steps_to_half"] if r["steps_to_half"] is not None else "not reached"
+        completions = r["completions_to_half"] if r["completions_to_half"] is not None else "-"
+        seconds = f"{r['seconds_to_half']:.1f}" if r["seconds_to_half"] is not None else "-"
         lines.append(
-            f"| {LABELS[r['algo']]} | {r['reward_start']:.3f} | {r['reward_end']:.3f} | {half}"
-            f" | {r['steps_per_s']:.1f} | {r['extra_rounds_per_step']:.2f} | {peak} |"
+            f"| {LABELS[r['algo']]} | {r['reward_start']:.3f} | {r['reward_end']:.3f} | {half} | {completions}"
+            f" | {seconds} | {r['steps_per_s']:.1f} | {r['extra_rounds_per_step']:.2f} | {peak} |"
         )
     return "\n".join(lines)
 

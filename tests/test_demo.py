@@ -44,3 +44,48 @@ def test_steps_to_reach_uses_the_trailing_mean():
     # the first steps average over the steps seen so far: means 0, 1/2
     assert steps_to_reach([0.0, 1.0], 0.5, smooth=3) == 2
     assert steps_to_reach([0.1, 0.2], 0.5, smooth=2) is None
+
+
+def test_demo_counts_every_generated_completion_including_gpg_rounds(tmp_path, monkeypatch):
+    """The completions column counts what the model generated: GPG's resampling rounds included."""
+    import grouprl_trl.tiny as tiny
+    from grouprl_trl.demo import run_algorithm
+
+    generated = []
+    build = tiny.build_tiny_model
+
+    def counting_model(*args, **kwargs):
+        model = build(*args, **kwargs)
+        generate = model.generate
+
+        def counted(*a, **kw):
+            out = generate(*a, **kw)
+            sequences = out.sequences if hasattr(out, "sequences") else out
+            generated.append(sequences.shape[0])  # one row per sampled completion
+            return out
+
+        model.generate = counted
+        return model
+
+    monkeypatch.setattr(tiny, "build_tiny_model", counting_model)
+    # at the start almost every group is all-wrong, so GPG's threshold (0.6) regenerates
+    result = run_algorithm("gpg", 3, 0, tmp_path, 2e-3, show_progress=False)
+    assert sum(result.extra_rounds) > 0  # the case this test is about: extra rounds happened
+    assert len(result.completions) == 3
+    assert sum(result.completions) == sum(generated)
+    assert sum(result.completions) > 3 * 64  # more than one round of 8 prompts x 8 completions per step
+
+
+def test_demo_summary_costs_up_to_the_step_that_reaches_half():
+    from grouprl_trl.demo import RunResult
+
+    run = RunResult("gpg", rewards=[0.0, 0.4, 1.0, 1.0], seconds=3.0, steps=3, peak_rss_mb=None, extra_rounds=[],
+                    completions=[128, 64, 192, 64], elapsed=[1.0, 1.5, 2.5, 3.0])
+    row = run.summary(window=2)
+    # trailing 10-step means: 0, 0.2, 0.467, 0.6 -> reward 0.5 reached at step 4
+    assert row["steps_to_half"] == 4
+    assert row["completions_to_half"] == 128 + 64 + 192 + 64
+    assert row["seconds_to_half"] == 3.0
+    never = RunResult("grpo", rewards=[0.0, 0.1], seconds=1.0, steps=1, peak_rss_mb=None, extra_rounds=[],
+                      completions=[64, 64], elapsed=[0.5, 1.0]).summary(window=2)
+    assert never["completions_to_half"] is None and never["seconds_to_half"] is None
