@@ -10,6 +10,8 @@
 #   vllm      .venv, the tests marked vllm (colocate vLLM on CPU); fails when vllm is missing or
 #             when no test is selected, so the tier can never pass by skipping
 #   trl-X     .venv-trlX (scripts/setup_env.sh --trl X): the TRL-facing tests on another TRL release
+#   lighteval opt-in (not in the default tiers, 2 GB): builds .venv-lighteval (lighteval 0.13.0) and checks
+#             our eval scorer against live lighteval verdicts; the main tier checks the recorded ones
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export HF_HUB_OFFLINE=1 HF_HUB_DISABLE_TELEMETRY=1 TOKENIZERS_PARALLELISM=false
@@ -64,6 +66,13 @@ for tier in $TIERS; do
         # shellcheck disable=SC2086
         run_tier "$tier" "$python" $TRL_FACING
       fi ;;
+    lighteval)
+      if [ ! -x .venv-lighteval/bin/python ]; then
+        python3 -m venv .venv-lighteval
+        .venv-lighteval/bin/pip install -q torch==2.13.0  # the CPU wheel first, or pip pulls CUDA builds
+        .venv-lighteval/bin/pip install -q lighteval==0.13.0
+      fi
+      GROUPRL_LIGHTEVAL_PYTHON=$PWD/.venv-lighteval/bin/python run_tier lighteval .venv/bin/python -m lighteval tests/test_answer_cases.py ;;
     *) echo "unknown tier $tier" >&2; exit 2 ;;
   esac
 done
