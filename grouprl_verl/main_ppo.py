@@ -22,7 +22,7 @@ import os
 
 import hydra
 
-# package data, so an installed wheel finds them too (configs/verl in the repository links here)
+# package data, so an installed wheel finds them too (configs/verl_algorithms in the repository links here)
 CONFIG_PATH = os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs")
 
 
