@@ -25,12 +25,14 @@ import torch
 import verl.utils.torch_functional as verl_F
 from verl.trainer.ppo.core_algos import register_policy_loss
 
+from grouprl_core.algorithms import ALGORITHMS
 from grouprl_core.copo import copo_token_loss
 from grouprl_core.losses import AGG_MODES, aggregate_token_loss, clipped_surrogate_loss, policy_gradient_loss
 
 from .config import loss_options
 
-PG, COPO, GUIDANCE = "grouprl_pg", "grouprl_copo", "grouprl_guidance"
+# the registered names, from grouprl_core's table of algorithms (GCPO-gold uses verl's own gspo loss)
+PG, COPO, GUIDANCE = (ALGORITHMS[key].verl.loss_mode for key in ("gpg", "copo", "guidance"))
 LOSS_NAMES = (PG, COPO, GUIDANCE)
 EXTRA_PREFIX = "grouprl_"
 LOG_RATIO_CLAMP = 20.0  # as verl's vanilla loss: exp() of a clamped log-ratio
