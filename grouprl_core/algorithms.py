@@ -48,7 +48,8 @@ class Algorithm:
 ALGORITHMS: dict[str, Algorithm] = {
     "gpg": Algorithm(
         "gpg", "GPG",
-        Paper("Chu et al.", "GPG: A Simple and Strong RL Baseline for Model Reasoning", "2504.02546", "ICLR 2026"),
+        Paper("Chu et al.", "GPG: A Simple and Strong Reinforcement Learning Baseline for Model Reasoning", "2504.02546",
+              "ICLR 2026"),
         "grouprl_trl.gpg", "GPGTrainer", "GPGConfig",
         VerlKeys("grouprl_gpg", "grouprl_pg", "grouprl_gpg", "gpg"),
     ),

@@ -158,6 +158,7 @@ def test_demo_bench_recipes_and_verl_trainer_read_the_table():
         assert (spec.label, spec.module, spec.trainer, spec.config) == (
             algo.label, algo.trl_module, algo.trl_trainer, algo.trl_config)
         assert [cls.__name__ for cls in trl_classes(key)] == [algo.trl_trainer, algo.trl_config]
+        assert trl_classes(key)[0].paper == {"title": algo.paper.title, "id": algo.paper.arxiv}  # TRL's model card
         assert recipes.VERL_ALGORITHMS[key] is algo.verl
         assert recipes.algorithm_name({"backend": "verl", "algorithm": key}) == algo.label
         assert recipes.algorithm_name({"backend": "trl", "trainer": f"grouprl_trl.{algo.trl_trainer}"}) == algo.label
