@@ -22,7 +22,6 @@ from contextvars import ContextVar
 from typing import Any
 
 import torch
-import verl.utils.torch_functional as verl_F
 from verl.trainer.ppo.core_algos import register_policy_loss
 
 from grouprl_core.algorithms import ALGORITHMS
@@ -105,12 +104,17 @@ def _clip_ranges(config) -> tuple[float, float, float]:
     return (clip if low is None else low), (clip if high is None else high), dual
 
 
+def _masked_mean(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Mean of ``values`` where ``mask`` is set, as verl's ``torch_functional.masked_mean`` (0.9.1) computes it."""
+    return torch.where(mask.bool(), values, 0.0).mul(mask).sum() / (mask.sum() + 1e-8)
+
+
 def _clip_metrics(ratio, log_ratio, advantages, mask, low, high) -> dict[str, float]:
     adv = advantages if advantages.dim() == 2 else advantages.unsqueeze(-1)
     clipped = ((ratio < 1 - low) & (adv < 0)) | ((ratio > 1 + high) & (adv > 0))
     return {
-        "actor/pg_clipfrac": verl_F.masked_mean(clipped.float().expand_as(mask), mask).item(),
-        "actor/ppo_kl": verl_F.masked_mean(-log_ratio, mask).item(),
+        "actor/pg_clipfrac": _masked_mean(clipped.float().expand_as(mask), mask).item(),
+        "actor/ppo_kl": _masked_mean(-log_ratio, mask).item(),
     }
 
 
