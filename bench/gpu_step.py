@@ -143,6 +143,7 @@ def run_row(size: str, algo: str, args, tmp: Path, saved: dict, warmup: int) -> 
     from transformers.trainer_callback import PrinterCallback
 
     from bench.step_cost import alternating_reward
+    from grouprl_trl._compat import wrap_rollouts
     from grouprl_trl.tiny import toy_reward
 
     cuda = args.device == "cuda"
@@ -203,17 +204,19 @@ def run_row(size: str, algo: str, args, tmp: Path, saved: dict, warmup: int) -> 
                           train_dataset=build_dataset(args.rows * (warmup + args.steps) * 4, args.prompt_length,
                                                       tokenizer))
     trainer.remove_callback(PrinterCallback)
-    generate = trainer._generate_single_turn  # TRL 1.16: every rollout (GPG's extra rounds too) passes here
 
-    def timed_generate(*a, **kw):
-        sync()
-        start = time.perf_counter()
-        out = generate(*a, **kw)
-        sync()
-        generations.append((len(ends), time.perf_counter() - start, len(out[0])))
-        return out
+    def timed(generate):  # every rollout (GPG's extra rounds too) passes here
+        def timed_generate(*a, **kw):
+            sync()
+            start = time.perf_counter()
+            out = generate(*a, **kw)
+            sync()
+            generations.append((len(ends), time.perf_counter() - start, len(out[0])))
+            return out
 
-    trainer._generate_single_turn = timed_generate
+        return timed_generate
+
+    wrap_rollouts(trainer, timed)
     sync()
     if cuda:
         torch.cuda.reset_peak_memory_stats()

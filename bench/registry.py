@@ -1,7 +1,9 @@
 """One table of every algorithm the benchmarks can run.
 
 Adding an algorithm is one ``AlgoSpec`` entry: where its trainer/config classes live and the
-config fields that make it that algorithm. Classes are imported lazily, so a benchmark still
+config fields that make it that algorithm. The four grouprl algorithms take their label and classes
+from :data:`grouprl_core.algorithms.ALGORITHMS`; the TRL baselines and the study variants are
+settings added here. Classes are imported lazily, so a benchmark still
 runs when a trainer is missing from this checkout (e.g. on a branch without
 ``grouprl_trl.gcpo``); :func:`load` then raises :class:`AlgorithmUnavailable` with the reason
 and the benchmark prints a "not available" row instead of a number.
@@ -12,6 +14,9 @@ from __future__ import annotations
 import importlib
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from grouprl_core.algorithms import ALGORITHMS as GROUPRL_ALGORITHMS
+from grouprl_core.names import GOLD_SAMPLED_REWARD_MEAN, GPG_ALL_ROUNDS
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
@@ -33,6 +38,19 @@ class AlgoSpec:
     variant: bool = False  # a setting of another entry's trainer for a study; not part of --algos all
 
 
+def grouprl_spec(key: str, label: str | None = None, **kwargs) -> AlgoSpec:
+    """An entry for an algorithm of :data:`grouprl_core.algorithms.ALGORITHMS` (its label unless ``label``)."""
+    algo = GROUPRL_ALGORITHMS[key]
+    return AlgoSpec(label or algo.label, algo.trl_module, algo.trl_trainer, algo.trl_config, **kwargs)
+
+
+GPG_REWARD = GPG_ALL_ROUNDS + "reward"
+
+
+def gpg_variant(label: str, fields: dict) -> AlgoSpec:
+    return grouprl_spec("gpg", label, fields=fields, reward_key=GPG_REWARD, variant=True)
+
+
 ALGORITHMS: dict[str, AlgoSpec] = {
     # TRL baselines. TRL 1.16's default loss_type is "dapo"; "grpo" here is the original GRPO
     # loss (per-sequence token mean, loss_type="grpo"), so that GRPO and DAPO are different rows.
@@ -42,31 +60,23 @@ ALGORITHMS: dict[str, AlgoSpec] = {
     "dr_grpo": AlgoSpec("Dr. GRPO (TRL)", "trl", "GRPOTrainer", "GRPOConfig",
                         {"beta": 0.0, "loss_type": "dr_grpo", "scale_rewards": "none"}),
     "dapo": AlgoSpec("DAPO loss (TRL)", "trl", "GRPOTrainer", "GRPOConfig", {"beta": 0.0, "loss_type": "dapo"}),
-    # grouprl. GPG's curve reads gpg/all_rounds/reward: every completion generated (TRL's "reward" there is the
-    # trained batch, which the valid-fraction threshold enriches with valid groups).
-    "gpg": AlgoSpec("GPG", "grouprl_trl.gpg", "GPGTrainer", "GPGConfig", reward_key="gpg/all_rounds/reward"),
+    # grouprl: the four algorithms of grouprl_core.algorithms. GPG's curve reads gpg/all_rounds/reward: every
+    # completion generated (TRL's "reward" there is the trained batch, which the valid-fraction threshold
+    # enriches with valid groups).
+    "gpg": grouprl_spec("gpg", reward_key=GPG_REWARD),
     # GPG variants for the resampling-cost study (issue 14): cheaper ways to reach beta_th, and no beta_th at all
-    "gpg_missing": AlgoSpec("GPG, missing_only rounds", "grouprl_trl.gpg", "GPGTrainer", "GPGConfig",
-                            {"resample_strategy": "missing_only"}, reward_key="gpg/all_rounds/reward", variant=True),
-    "gpg_expected": AlgoSpec("GPG, expected rounds", "grouprl_trl.gpg", "GPGTrainer", "GPGConfig",
-                             {"resample_strategy": "expected"}, reward_key="gpg/all_rounds/reward", variant=True),
-    "gpg_th03": AlgoSpec("GPG, beta_th 0.3", "grouprl_trl.gpg", "GPGTrainer", "GPGConfig",
-                         {"valid_threshold": 0.3}, reward_key="gpg/all_rounds/reward", variant=True),
-    "gpg_th0": AlgoSpec("GPG, no beta_th", "grouprl_trl.gpg", "GPGTrainer", "GPGConfig",
-                        {"valid_threshold": 0.0}, reward_key="gpg/all_rounds/reward", variant=True),
-    "gpg_th03_missing": AlgoSpec("GPG, beta_th 0.3, missing_only rounds", "grouprl_trl.gpg", "GPGTrainer", "GPGConfig",
-                                 {"valid_threshold": 0.3, "resample_strategy": "missing_only"},
-                                 reward_key="gpg/all_rounds/reward", variant=True),
-    "gpg_nocarry": AlgoSpec("GPG, no carry-over (official)", "grouprl_trl.gpg", "GPGTrainer", "GPGConfig",
-                            {"carry_over": False}, reward_key="gpg/all_rounds/reward", variant=True),
-    "gpg_1round": AlgoSpec("GPG, at most 1 extra round", "grouprl_trl.gpg", "GPGTrainer", "GPGConfig",
-                           {"max_resample_rounds": 1}, reward_key="gpg/all_rounds/reward", variant=True),
-    "gcpo_gold": AlgoSpec("GCPO-gold", "grouprl_trl.gcpo", "GCPOTrainer", "GCPOConfig",
-                          {"gold_template": "{solution}"}, needs_solution=True,
-                          reward_key="gold/sampled_reward_mean"),
-    "copo": AlgoSpec("COPO", "grouprl_trl.copo", "COPOTrainer", "COPOConfig",
-                     {"answer_extractor": "grouprl_trl.tiny.toy_extract_answer"}),
-    "guidance": AlgoSpec("GCPO-guidance", "grouprl_trl.guidance", "GuidanceGCPOTrainer", "GuidanceGCPOConfig"),
+    "gpg_missing": gpg_variant("GPG, missing_only rounds", {"resample_strategy": "missing_only"}),
+    "gpg_expected": gpg_variant("GPG, expected rounds", {"resample_strategy": "expected"}),
+    "gpg_th03": gpg_variant("GPG, beta_th 0.3", {"valid_threshold": 0.3}),
+    "gpg_th0": gpg_variant("GPG, no beta_th", {"valid_threshold": 0.0}),
+    "gpg_th03_missing": gpg_variant("GPG, beta_th 0.3, missing_only rounds",
+                                    {"valid_threshold": 0.3, "resample_strategy": "missing_only"}),
+    "gpg_nocarry": gpg_variant("GPG, no carry-over (official)", {"carry_over": False}),
+    "gpg_1round": gpg_variant("GPG, at most 1 extra round", {"max_resample_rounds": 1}),
+    "gcpo_gold": grouprl_spec("gcpo_gold", fields={"gold_template": "{solution}"}, needs_solution=True,
+                              reward_key=GOLD_SAMPLED_REWARD_MEAN),
+    "copo": grouprl_spec("copo", fields={"answer_extractor": "grouprl_trl.tiny.toy_extract_answer"}),
+    "guidance": grouprl_spec("guidance"),
 }
 
 

@@ -53,6 +53,7 @@ def train_once(algo: str, seed: int, steps: int, lr: float, tmp: Path) -> dict:
     from transformers import TrainerCallback
     from transformers.trainer_callback import PrinterCallback
 
+    from grouprl_trl._compat import wrap_rollouts
     from grouprl_trl.tiny import build_tiny_model, build_tokenizer, build_toy_dataset, toy_reward
 
     trainer_cls, config_cls, fields = load(algo)
@@ -92,16 +93,18 @@ def train_once(algo: str, seed: int, steps: int, lr: float, tmp: Path) -> dict:
         train_dataset=build_toy_dataset(num_rows=2000, seed=seed), processing_class=tokenizer, callbacks=[Probe()],
     )
     trainer.remove_callback(PrinterCallback)
-    generate = trainer._generate_single_turn  # TRL 1.16: every rollout passes here (GPG's extra rounds too)
 
-    def counting_generate(*args, **kwargs):
-        out = generate(*args, **kwargs)
-        step = len(step_ends)
-        generated.extend([0] * (step + 1 - len(generated)))
-        generated[step] += len(out[0])
-        return out
+    def counting(generate):  # every rollout passes here (GPG's extra rounds too)
+        def counting_generate(*args, **kwargs):
+            out = generate(*args, **kwargs)
+            step = len(step_ends)
+            generated.extend([0] * (step + 1 - len(generated)))
+            generated[step] += len(out[0])
+            return out
 
-    trainer._generate_single_turn = counting_generate
+        return counting_generate
+
+    wrap_rollouts(trainer, counting)
     trainer.train()
     generated.extend([0] * (len(step_ends) - len(generated)))
     return {"rewards": rewards, "completions": generated[: len(step_ends)], "seconds": step_ends,

@@ -524,11 +524,11 @@ def _check_grouprl_blocks(report: Report, recipe: dict, cfg) -> bool:
 def _verl_validate(report: Report, recipe: dict, cfg) -> bool:
     """The checks verl's TaskRunner runs before it asks Ray for GPUs (verl 0.9.1 main_ppo_v0.py),
     plus grouprl_verl's ``check_config`` for our entry point."""
-    from verl.trainer.ppo.utils import need_critic, need_reference_policy
-    from verl.utils.config import validate_config
-
     algo = recipes.VERL_ALGORITHMS[recipe["algorithm"]]
     try:
+        # verl's internal helpers come through grouprl_verl._compat, which also refuses an unsupported verl version
+        from grouprl_verl._compat import need_critic, need_reference_policy, validate_config
+
         if algo.module == "grouprl_verl.main_ppo":
             from grouprl_verl.main_ppo import check_config
 

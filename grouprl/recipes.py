@@ -25,6 +25,8 @@ from pathlib import Path
 
 import yaml
 
+from grouprl_core.algorithms import ALGORITHMS, GRPO, VerlKeys
+
 RECIPES_DIR = Path(__file__).resolve().parent / "recipes"
 BACKENDS = ("trl", "verl")
 ACCELERATE_DIR = RECIPES_DIR / "accelerate"
@@ -40,42 +42,16 @@ VERL_SECTION_PREFIX = {
 }
 
 
-@dataclass(frozen=True)
-class VerlAlgorithm:
-    module: str  # entry point run with python -m
-    config_name: str  # Hydra config (grouprl_verl/configs/grouprl_<algo>.yaml, or verl's ppo_trainer)
-    adv_estimator: str
-    loss_mode: str
-    params: str | None  # block under algorithm.grouprl
-
-
-VERL_ALGORITHMS = {
-    "gpg": VerlAlgorithm("grouprl_verl.main_ppo", "grouprl_gpg", "grouprl_gpg", "grouprl_pg", "gpg"),
-    "gcpo_gold": VerlAlgorithm("grouprl_verl.main_ppo", "grouprl_gcpo", "grouprl_gcpo", "gspo", "gcpo"),
-    "copo": VerlAlgorithm("grouprl_verl.main_ppo", "grouprl_copo", "grouprl_copo", "grouprl_copo", "copo"),
-    "guidance": VerlAlgorithm(
-        "grouprl_verl.main_ppo", "grouprl_guidance", "grouprl_guidance", "grouprl_guidance", "guidance"
-    ),
-    # the baseline runs on verl's own entry point and config
-    "grpo": VerlAlgorithm("verl.trainer.main_ppo", "ppo_trainer", "grpo", "vanilla", None),
-}
-
+#: verl names of every algorithm a verl recipe can name (its ``algorithm``), from grouprl_core's table:
+#: entry point (``module``), Hydra config, estimator, policy loss and options block (``params``).
+VERL_ALGORITHMS: dict[str, VerlKeys] = {key: algo.verl for key, algo in ALGORITHMS.items()}
+VERL_ALGORITHMS[GRPO.key] = GRPO.verl
 
 #: Algorithm names as the papers write them: by TRL trainer class, and by verl recipe ``algorithm``.
-TRAINER_ALGORITHMS = {
-    "GPGTrainer": "GPG",
-    "GCPOTrainer": "GCPO-gold",
-    "COPOTrainer": "COPO",
-    "GuidanceGCPOTrainer": "GCPO-guidance",
-    "GRPOTrainer": "GRPO (TRL baseline)",
-}
-VERL_ALGORITHM_NAMES = {
-    "gpg": "GPG",
-    "gcpo_gold": "GCPO-gold",
-    "copo": "COPO",
-    "guidance": "GCPO-guidance",
-    "grpo": "GRPO (verl baseline)",
-}
+TRAINER_ALGORITHMS = {algo.trl_trainer: algo.label for algo in ALGORITHMS.values()}
+TRAINER_ALGORITHMS[GRPO.trl_trainer] = f"{GRPO.label} (TRL baseline)"
+VERL_ALGORITHM_NAMES = {key: algo.label for key, algo in ALGORITHMS.items()}
+VERL_ALGORITHM_NAMES[GRPO.key] = f"{GRPO.label} (verl baseline)"
 
 
 def algorithm_name(recipe: dict) -> str:

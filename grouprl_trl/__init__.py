@@ -6,6 +6,10 @@ Supported TRL versions: >=1.14.2, <1.17, not 1.15.x (checked at import by :mod:`
 the one module that touches TRL's private API).
 """
 
+import importlib
+
+from grouprl_core.algorithms import ALGORITHMS, GRPO
+
 from .copo import COPOConfig, COPOTrainer
 from .gcpo import GCPOConfig, GCPOTrainer
 from .gpg import GPGConfig, GPGTrainer
@@ -20,4 +24,15 @@ __all__ = [
     "GPGTrainer",
     "GuidanceGCPOConfig",
     "GuidanceGCPOTrainer",
+    "trl_classes",
 ]
+
+
+def trl_classes(key: str) -> tuple[type, type]:
+    """``(trainer class, config class)`` of an algorithm of :data:`grouprl_core.algorithms.ALGORITHMS` by its key
+    (``gpg``, ``gcpo_gold``, ...), or TRL's own ``GRPOTrainer`` / ``GRPOConfig`` for ``grpo``."""
+    algo = GRPO if key == GRPO.key else ALGORITHMS.get(key)
+    if algo is None:
+        raise ValueError(f"unknown algorithm {key!r}; choose from {[GRPO.key, *ALGORITHMS]}")
+    module = importlib.import_module(algo.trl_module)
+    return getattr(module, algo.trl_trainer), getattr(module, algo.trl_config)

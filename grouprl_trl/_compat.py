@@ -418,6 +418,13 @@ def shuffle_rows(batch: dict) -> dict:
     return shuffle_sequence_dict(batch)
 
 
+def wrap_rollouts(trainer: GRPOTrainer, wrap: Callable[[Callable], Callable]) -> None:
+    """Send the trainer's rollouts through ``wrap(original)`` (the benchmarks' timers and counters): TRL 1.14-1.16
+    makes every rollout, GPG's extra rounds too, in ``GRPOTrainer._generate_single_turn``, whose result starts
+    with one entry per generated row."""
+    trainer._generate_single_turn = wrap(trainer._generate_single_turn)
+
+
 def buffered_micro_batch(trainer: GRPOTrainer, generation_batch, split: Callable[[dict], list[dict]]) -> dict:
     """``GRPOTrainer._prepare_inputs`` (TRL 1.14.2, 1.16.0) with the split of the generation batch
     replaced by ``split(batch) -> micro-batches``; buffering and regeneration cadence as TRL's."""

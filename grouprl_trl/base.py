@@ -23,6 +23,7 @@ A trainer subclasses :class:`GroupRLTrainer` (itself a ``trl.GRPOTrainer``, thro
 from __future__ import annotations
 
 import logging
+from dataclasses import field
 from typing import ClassVar
 
 import torch
@@ -30,6 +31,7 @@ from accelerate.utils import gather_object
 from transformers import TrainerCallback
 from trl import GRPOConfig
 
+from grouprl_core.algorithms import ALGORITHMS
 from grouprl_core.losses import aggregate_token_loss, k3_kl
 
 from ._compat import (
@@ -50,6 +52,35 @@ UNLOGGED_ROW = {"prompt": None, "completion": None, "rewards": {}, "extra": {}}
 
 
 # ----------------------------------------------------------------------------- config
+def choice_field(default: str, choices, help: str):
+    """A config field that takes one of ``choices`` (listed in TrlParser's ``--help``; checked by
+    :func:`check_choice`, since dataclasses do not check them)."""
+    return field(default=default, metadata={"help": help, "choices": list(choices)})
+
+
+def card_paper(key: str) -> dict[str, str]:
+    """The ``paper`` of a trainer (TRL's model-card citation) from :data:`grouprl_core.algorithms.ALGORITHMS`."""
+    paper = ALGORITHMS[key].paper
+    return {"title": paper.title, "id": paper.arxiv}
+
+
+def check_choice(name: str, value, choices) -> None:
+    if value not in choices:
+        raise ValueError(f"{name} must be one of {choices}, got {value!r}")
+
+
+def dual_clip_field(default: float):
+    """The dual-clip constant of the clipped PPO surrogate (COPO and GCPO-guidance), checked by
+    :func:`check_dual_clip`."""
+    return field(default=default, metadata={
+        "help": "Dual-clip constant c > 1: for A < 0 the per-token loss is capped at -c*A. None disables."})
+
+
+def check_dual_clip(value: float | None) -> None:
+    if value is not None and not value > 1.0:
+        raise ValueError(f"dual_clip must be > 1 (or None to disable), got {value!r}")
+
+
 def unsupported_grpo_fields(trainer_name: str, entropy_hint: str | None = None) -> dict[str, tuple[tuple, str]]:
     """GRPOConfig loss features no grouprl loss implements: field -> (accepted values, why)."""
     why = f"not supported by {trainer_name}"

@@ -65,6 +65,7 @@ from grouprl_core.groups import contiguous_group_ids
 from grouprl_core.losses import importance_ratio
 
 from .base import GroupRLConfigMixin, GroupRLTrainer, unsupported_grpo_fields
+from .base import card_paper, check_choice, check_dual_clip, choice_field, dual_clip_field
 
 logger = logging.getLogger(__name__)
 
@@ -115,14 +116,11 @@ class COPOConfig(GroupRLConfigMixin, GRPOConfig):
     gate_b: float = field(
         default=DEFAULT_GATE_B, metadata={"help": "Gate offset b (bits of consistency entropy) in w_q = sigmoid(k (H_q - b))."}
     )
-    blend: str = field(
-        default=DEFAULT_BLEND,
-        metadata={
-            "help": "How the gate weighs the local loss: 'only-soft' (w_q, paper), 'soft-with-zero' (w_q, but 0 for "
-            "responses with reward 0: official run_copo.sh), 'soft-with-forced' (w_q, but 0 where the local "
-            "advantage is 0), 'only-global' (0), 'no-global' (1, plain GRPO with dual clip).",
-            "choices": list(BLEND_MODES),
-        },
+    blend: str = choice_field(
+        DEFAULT_BLEND, BLEND_MODES,
+        "How the gate weighs the local loss: 'only-soft' (w_q, paper), 'soft-with-zero' (w_q, but 0 for "
+        "responses with reward 0: official run_copo.sh), 'soft-with-forced' (w_q, but 0 where the local "
+        "advantage is 0), 'only-global' (0), 'no-global' (1, plain GRPO with dual clip).",
     )
     entropy_reward_coef: bool = field(
         default=False,
@@ -139,10 +137,7 @@ class COPOConfig(GroupRLConfigMixin, GRPOConfig):
             "callable when built in Python. None: no extraction, answers are the reward values."
         },
     )
-    dual_clip: float | None = field(
-        default=DEFAULT_DUAL_CLIP,
-        metadata={"help": "Dual-clip constant c > 1: for A < 0 the per-token loss is capped at -c*A. None disables."},
-    )
+    dual_clip: float | None = dual_clip_field(DEFAULT_DUAL_CLIP)
 
     def __post_init__(self):
         super().__post_init__()
@@ -150,23 +145,20 @@ class COPOConfig(GroupRLConfigMixin, GRPOConfig):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
                 raise ValueError(f"{name} must be a finite number, got {value!r}")
-        if self.blend not in BLEND_MODES:
-            raise ValueError(f"blend must be one of {BLEND_MODES}, got {self.blend!r}")
+        check_choice("blend", self.blend, BLEND_MODES)
         if not isinstance(self.entropy_reward_coef, bool):
             raise ValueError(
                 f"entropy_reward_coef must be True or False (lambda is fixed to (1-1/G)/log2 G), "
                 f"got {self.entropy_reward_coef!r}"
             )
         resolve_answer_extractor(self.answer_extractor)  # fail at configuration time, naming the field
-        if self.dual_clip is not None and not self.dual_clip > 1.0:
-            raise ValueError(f"dual_clip must be > 1 (or None to disable), got {self.dual_clip!r}")
+        check_dual_clip(self.dual_clip)
         if self.loss_type != "grpo":
             raise ValueError(
                 f"loss_type={self.loss_type!r}: COPO aggregates seq-mean-token-mean, TRL's loss_type='grpo'. "
                 "Leave loss_type at 'grpo'."
             )
-        if self.scale_rewards not in LOCAL_SCALES:
-            raise ValueError(f"scale_rewards must be one of {LOCAL_SCALES}, got {self.scale_rewards!r}")
+        check_choice("scale_rewards", self.scale_rewards, LOCAL_SCALES)
         if self.multi_objective_aggregation != "sum_then_normalize":
             raise ValueError(
                 f"multi_objective_aggregation={self.multi_objective_aggregation!r} is not supported by COPOTrainer "
@@ -191,7 +183,7 @@ class COPOTrainer(GroupRLTrainer):
 
     config_class = COPOConfig
     algorithm_name = "COPO"
-    paper = {"title": "COPO: Consistency-Aware Policy Optimization", "id": "2508.04138"}
+    paper = card_paper("copo")
 
     def init_algorithm(self):
         self._extract_answer = resolve_answer_extractor(self.args.answer_extractor)

@@ -28,37 +28,27 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from grouprl_core.algorithms import ALGORITHMS, GRPO
+
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-ALGOS = ("grpo", "gpg", "gcpo_gold", "copo", "guidance")
-LABELS = {"grpo": "GRPO (TRL)", "gpg": "GPG", "gcpo_gold": "GCPO-gold", "copo": "COPO", "guidance": "GCPO-guidance"}
+ALGOS = (GRPO.key, *ALGORITHMS)  # grpo, gpg, gcpo_gold, copo, guidance
+LABELS = {GRPO.key: f"{GRPO.label} (TRL)", **{key: algo.label for key, algo in ALGORITHMS.items()}}
+# config fields the toy task needs: its solution column is the bare answer digit, and COPO reads the answer
+# with the toy extractor
+TOY_FIELDS = {"gcpo_gold": {"gold_template": "{solution}"},
+              "copo": {"answer_extractor": "grouprl_trl.tiny.toy_extract_answer"}}
 
 
 def trainer_and_config(algo: str):
     """(trainer class, config class, algorithm-specific config fields) for a demo algorithm."""
-    if algo == "grpo":
-        from trl import GRPOConfig, GRPOTrainer
+    if algo not in ALGOS:
+        raise ValueError(f"unknown algorithm {algo!r}; choose from {ALGOS} or 'all'")
+    from . import trl_classes
 
-        return GRPOTrainer, GRPOConfig, {}
-    if algo == "gpg":
-        from .gpg import GPGConfig, GPGTrainer
-
-        return GPGTrainer, GPGConfig, {}
-    if algo == "gcpo_gold":
-        from .gcpo import GCPOConfig, GCPOTrainer
-
-        return GCPOTrainer, GCPOConfig, {"gold_template": "{solution}"}
-    if algo == "copo":
-        from .copo import COPOConfig, COPOTrainer
-
-        return COPOTrainer, COPOConfig, {"answer_extractor": "grouprl_trl.tiny.toy_extract_answer"}
-    if algo == "guidance":
-        from .guidance import GuidanceGCPOConfig, GuidanceGCPOTrainer
-
-        return GuidanceGCPOTrainer, GuidanceGCPOConfig, {}
-    raise ValueError(f"unknown algorithm {algo!r}; choose from {ALGOS} or 'all'")
+    return (*trl_classes(algo), dict(TOY_FIELDS.get(algo, {})))
 
 
 @dataclass

@@ -108,7 +108,7 @@ from ._compat import (
     shuffle_rows,
     text_tokenizer,
 )
-from .base import LOGGED_ROWS, GroupRLTrainer, unsupported_grpo_fields
+from .base import LOGGED_ROWS, GroupRLTrainer, card_paper, check_choice, choice_field, unsupported_grpo_fields
 from .batching import batch_size_of, select_and_concat, split_rows_evenly
 
 __all__ = ["DEFAULT_GOLD_TEMPLATE", "GCPOConfig", "GCPOTrainer", "render_gold"]
@@ -139,21 +139,13 @@ class GCPOConfig(GRPOConfig):
         default="solution",
         metadata={"help": "Dataset column with each row's reference solution; an empty value means no gold."},
     )
-    gold_trigger: str = field(
-        default="all_wrong",
-        metadata={
-            "help": "When a group gets the gold completion: 'all_wrong' (no reward reaches correct_threshold), "
-            "'always', or 'never' (plain GRPO/GSPO).",
-            "choices": list(TRIGGERS),
-        },
+    gold_trigger: str = choice_field(
+        "all_wrong", TRIGGERS,
+        "When a group gets the gold completion: 'all_wrong' (no reward reaches correct_threshold), "
+        "'always', or 'never' (plain GRPO/GSPO).",
     )
-    gold_placement: str = field(
-        default="replace",
-        metadata={
-            "help": "'replace' the group's last rollout, or 'append' the gold as member G+1.",
-            "choices": list(PLACEMENTS),
-        },
-    )
+    gold_placement: str = choice_field(
+        "replace", PLACEMENTS, "'replace' the group's last rollout, or 'append' the gold as member G+1.")
     gold_template: str = field(
         default=DEFAULT_GOLD_TEMPLATE,
         metadata={
@@ -198,10 +190,8 @@ class GCPOConfig(GRPOConfig):
             self.epsilon_high = GSPO_EPSILON_HIGH  # token ratio: left None, GRPOTrainer then uses epsilon
         if not isinstance(self.reference_column, str) or not self.reference_column:
             raise ValueError(f"reference_column must be a non-empty column name, got {self.reference_column!r}")
-        if self.gold_trigger not in TRIGGERS:
-            raise ValueError(f"gold_trigger must be one of {TRIGGERS}, got {self.gold_trigger!r}")
-        if self.gold_placement not in PLACEMENTS:
-            raise ValueError(f"gold_placement must be one of {PLACEMENTS}, got {self.gold_placement!r}")
+        check_choice("gold_trigger", self.gold_trigger, TRIGGERS)
+        check_choice("gold_placement", self.gold_placement, PLACEMENTS)
         check_gold_template(self.gold_template, "gold_template")
         self.correct_threshold = float(self.correct_threshold)
         if not math.isfinite(self.correct_threshold):
@@ -238,7 +228,7 @@ class GCPOTrainer(GroupRLTrainer):
 
     config_class = GCPOConfig
     algorithm_name = "GCPO"
-    paper = {"title": "Group Contrastive Policy Optimization: When Contrast Fails, Go Gold", "id": "2510.07790"}
+    paper = card_paper("gcpo_gold")
 
     def init_algorithm(self):
         args = self.args

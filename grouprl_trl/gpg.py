@@ -90,7 +90,16 @@ from grouprl_core.groups import contiguous_group_ids
 from grouprl_core.losses import AGG_MODES, aggregate_token_loss, policy_gradient_loss
 
 from ._compat import completion_lengths_and_truncation, metrics, nanstd, repeat_sampler, text_tokenizer
-from .base import LOGGED_ROWS, UNLOGGED_ROW, GroupRLConfigMixin, GroupRLTrainer, unsupported_grpo_fields
+from .base import (
+    LOGGED_ROWS,
+    UNLOGGED_ROW,
+    GroupRLConfigMixin,
+    GroupRLTrainer,
+    card_paper,
+    check_choice,
+    choice_field,
+    unsupported_grpo_fields,
+)
 from .batching import batch_size_of, select_and_concat
 
 LOSS_NORMALIZATIONS = ("global", "per_device")
@@ -114,21 +123,15 @@ ALL_ROUNDS = "gpg/all_rounds/"  # prefix of the every-round versions
 class GPGConfig(GroupRLConfigMixin, GRPOConfig):
     r"""Configuration for :class:`GPGTrainer`: every ``GRPOConfig`` field plus the GPG fields below."""
 
-    gpg_preset: str = field(
-        default="paper",
-        metadata={
-            "help": "'paper' (the field defaults: F_norm 1, AGE alpha, beta_th 0.6; single fields may be changed "
-            "for ablations) or 'open_rs_1p5b' (the official 1.5B runs: F_norm = group std, alpha 1, no "
-            "resampling), which sets advantage_norm, age and valid_threshold; giving one of them a value that "
-            "contradicts the preset is an error.",
-            "choices": list(GPG_PRESETS),
-        },
+    gpg_preset: str = choice_field(
+        "paper", GPG_PRESETS,
+        "'paper' (the field defaults: F_norm 1, AGE alpha, beta_th 0.6; single fields may be changed "
+        "for ablations) or 'open_rs_1p5b' (the official 1.5B runs: F_norm = group std, alpha 1, no "
+        "resampling), which sets advantage_norm, age and valid_threshold; giving one of them a value that "
+        "contradicts the preset is an error.",
     )
-    advantage_norm: str = field(
-        default="none",
-        metadata={"help": "F_norm: 'none' (1), 'group' (group std + 1e-4) or 'batch' (batch std + 1e-4).",
-                  "choices": list(F_NORM_MODES)},
-    )
+    advantage_norm: str = choice_field(
+        "none", F_NORM_MODES, "F_norm: 'none' (1), 'group' (group std + 1e-4) or 'batch' (batch std + 1e-4).")
     age: bool = field(default=True, metadata={"help": "Scale advantages by alpha = B / (B - M) (AGE)."})
     valid_threshold: float = field(
         default=DEFAULT_VALID_THRESHOLD,
@@ -143,42 +146,30 @@ class GPGConfig(GroupRLConfigMixin, GRPOConfig):
         default=True, metadata={"help": "Keep valid groups that did not fit for the next batch (one step old); "
                                 "False drops them, as the official code."}
     )
-    valid_count: str = field(
-        default="capped",
-        metadata={
-            "help": "What beta_th counts. 'capped' (default): per process, only the valid groups it can put into its "
-            "batch, summed over processes (a surplus on one process does not make up for another's gap), and "
-            "alpha = B / (B - M) of the assembled batch. 'global': the official code's running count of every valid "
-            "group all processes generated this batch, and its alpha = 1 / min(1, count / N) (N = groups of one "
-            "round). They differ only when processes have uneven valid groups or a round was discarded.",
-            "choices": list(VALID_COUNTS),
-        },
+    valid_count: str = choice_field(
+        "capped", VALID_COUNTS,
+        "What beta_th counts. 'capped' (default): per process, only the valid groups it can put into its "
+        "batch, summed over processes (a surplus on one process does not make up for another's gap), and "
+        "alpha = B / (B - M) of the assembled batch. 'global': the official code's running count of every valid "
+        "group all processes generated this batch, and its alpha = 1 / min(1, count / N) (N = groups of one "
+        "round). They differ only when processes have uneven valid groups or a round was discarded.",
     )
-    resample_strategy: str = field(
-        default="full_rounds",
-        metadata={
-            "help": "Size of each extra round. 'full_rounds' (default; paper and official code): a whole generation "
-            "batch. 'missing_only': one group per missing valid group. 'expected': the missing valid groups "
-            "divided by the valid rate seen so far in this batch. The last two also let carried groups replace "
-            "fresh prompts in the first round. All keep whole groups and the batch size.",
-            "choices": list(RESAMPLE_STRATEGIES),
-        },
+    resample_strategy: str = choice_field(
+        "full_rounds", RESAMPLE_STRATEGIES,
+        "Size of each extra round. 'full_rounds' (default; paper and official code): a whole generation "
+        "batch. 'missing_only': one group per missing valid group. 'expected': the missing valid groups "
+        "divided by the valid rate seen so far in this batch. The last two also let carried groups replace "
+        "fresh prompts in the first round. All keep whole groups and the batch size.",
     )
-    loss_normalization: str = field(
-        default="global",
-        metadata={
-            "help": "Token mean of loss_agg_mode='token-mean'. 'global' (default; the paper's formula): one mean over "
-            "the tokens of the whole generation batch of all processes. 'per_device' (the official 7B and 1.5B "
-            "trainers, TRL's loss_type='bnpo'): a mean over each process's micro-batch, divided by gradient "
-            "accumulation and averaged over processes; with steps_per_generation=1 the micro-batches and alpha are "
-            "the official ones.",
-            "choices": list(LOSS_NORMALIZATIONS),
-        },
+    loss_normalization: str = choice_field(
+        "global", LOSS_NORMALIZATIONS,
+        "Token mean of loss_agg_mode='token-mean'. 'global' (default; the paper's formula): one mean over "
+        "the tokens of the whole generation batch of all processes. 'per_device' (the official 7B and 1.5B "
+        "trainers, TRL's loss_type='bnpo'): a mean over each process's micro-batch, divided by gradient "
+        "accumulation and averaged over processes; with steps_per_generation=1 the micro-batches and alpha are "
+        "the official ones.",
     )
-    loss_agg_mode: str = field(
-        default="token-mean",
-        metadata={"help": f"Token aggregation of -logp*A: one of {AGG_MODES}.", "choices": list(AGG_MODES)},
-    )
+    loss_agg_mode: str = choice_field("token-mean", AGG_MODES, f"Token aggregation of -logp*A: one of {AGG_MODES}.")
 
     # GRPOConfig fields that GPG's advantage and loss never read: field -> (accepted values, what to use instead).
     UNUSED_GRPO_FIELDS = {
@@ -193,18 +184,15 @@ class GPGConfig(GroupRLConfigMixin, GRPOConfig):
 
     def __post_init__(self):
         self._apply_gpg_preset()
-        if self.advantage_norm not in F_NORM_MODES:
-            raise ValueError(f"advantage_norm must be one of {F_NORM_MODES}, got {self.advantage_norm!r}")
+        check_choice("advantage_norm", self.advantage_norm, F_NORM_MODES)
         if not 0.0 <= float(self.valid_threshold) <= 1.0:
             raise ValueError(f"valid_threshold (beta_th) must be in [0, 1], got {self.valid_threshold}")
         if int(self.max_resample_rounds) < 0:
             raise ValueError(f"max_resample_rounds must be >= 0, got {self.max_resample_rounds}")
-        if self.loss_agg_mode not in AGG_MODES:
-            raise ValueError(f"loss_agg_mode must be one of {AGG_MODES}, got {self.loss_agg_mode!r}")
-        for name, choices in (("valid_count", VALID_COUNTS), ("resample_strategy", RESAMPLE_STRATEGIES),
-                              ("loss_normalization", LOSS_NORMALIZATIONS)):
-            if getattr(self, name) not in choices:
-                raise ValueError(f"{name} must be one of {choices}, got {getattr(self, name)!r}")
+        check_choice("loss_agg_mode", self.loss_agg_mode, AGG_MODES)
+        check_choice("valid_count", self.valid_count, VALID_COUNTS)
+        check_choice("resample_strategy", self.resample_strategy, RESAMPLE_STRATEGIES)
+        check_choice("loss_normalization", self.loss_normalization, LOSS_NORMALIZATIONS)
         if self.loss_normalization == "per_device" and self.loss_agg_mode != "token-mean":
             raise ValueError(
                 f"loss_normalization='per_device' changes the token mean of loss_agg_mode='token-mean'; "
@@ -224,8 +212,7 @@ class GPGConfig(GroupRLConfigMixin, GRPOConfig):
         super().__post_init__()
 
     def _apply_gpg_preset(self):
-        if self.gpg_preset not in GPG_PRESETS:
-            raise ValueError(f"gpg_preset must be one of {list(GPG_PRESETS)}, got {self.gpg_preset!r}")
+        check_choice("gpg_preset", self.gpg_preset, list(GPG_PRESETS))
         if self.gpg_preset == "paper":  # the field defaults are the paper's; ablations override single fields
             return
         defaults = {f.name: f.default for f in fields(self) if f.name in GPG_PRESETS["paper"]}
@@ -244,7 +231,7 @@ class GPGTrainer(GroupRLTrainer):
 
     config_class = GPGConfig
     algorithm_name = "GPG"
-    paper = {"title": "GPG: A Simple and Strong Reinforcement Learning Baseline for Model Reasoning", "id": "2504.02546"}
+    paper = card_paper("gpg")
     skip_key = "gpg_skip"
 
     def init_algorithm(self):

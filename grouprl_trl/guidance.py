@@ -90,6 +90,7 @@ from grouprl_core.losses import clipped_surrogate_loss, importance_ratio
 
 from ._compat import pad_rows, policy_forward, scoring_context, text_tokenizer, tokenize_prompts
 from .base import GroupRLConfigMixin, GroupRLTrainer, unsupported_grpo_fields
+from .base import card_paper, check_choice, check_dual_clip, choice_field, dual_clip_field
 from .credit_map import write_credit_map
 
 WEIGHTS_FROM = ("current", "old_policy")
@@ -110,21 +111,15 @@ class GuidanceGCPOConfig(GroupRLConfigMixin, GRPOConfig):
     epsilon_high: float | None = field(
         default=DEFAULT_CLIP_HIGH, metadata={"help": "Upper clip range (DAPO clip-higher); the lower one is `epsilon` (0.2)."}
     )
-    dual_clip: float | None = field(
-        default=DEFAULT_DUAL_CLIP,
-        metadata={"help": "Dual-clip constant c > 1: for A < 0 the per-token loss is capped at -c*A. None disables."},
-    )
+    dual_clip: float | None = dual_clip_field(DEFAULT_DUAL_CLIP)
     rank_x: float = field(
         default=DEFAULT_RANK_X, metadata={"help": "Rank weights: the top rank_x of tokens (by divergence) carry rank_y of the weight."}
     )
     rank_y: float = field(default=DEFAULT_RANK_Y, metadata={"help": "Rank weights: weight mass of the top rank_x tokens."})
-    weights_from: str = field(
-        default="current",
-        metadata={
-            "help": "'current': score both contexts with the current policy in every micro-batch (official code). "
-            "'old_policy': once per generation batch with the generating policy (cheaper, a deviation).",
-            "choices": list(WEIGHTS_FROM),
-        },
+    weights_from: str = choice_field(
+        "current", WEIGHTS_FROM,
+        "'current': score both contexts with the current policy in every micro-batch (official code). "
+        "'old_policy': once per generation batch with the generating policy (cheaper, a deviation).",
     )
     entropy_penalty_coef: float = field(
         default=0.0,
@@ -141,13 +136,10 @@ class GuidanceGCPOConfig(GroupRLConfigMixin, GRPOConfig):
             "the dynamic filter reads; None: the only reward function (with several, name one)."
         },
     )
-    negative_prompt_type: str = field(
-        default="wrong_answer",
-        metadata={
-            "help": "Negative context: 'wrong_answer' (prompt + 'Note: Intentionally generate an incorrect answer.'), "
-            "'empty_prompt' ('answer the question', no question) or 'custom' (negative_template).",
-            "choices": list(NEGATIVE_PROMPT_TYPES),
-        },
+    negative_prompt_type: str = choice_field(
+        "wrong_answer", NEGATIVE_PROMPT_TYPES,
+        "Negative context: 'wrong_answer' (prompt + 'Note: Intentionally generate an incorrect answer.'), "
+        "'empty_prompt' ('answer the question', no question) or 'custom' (negative_template).",
     )
     negative_template: str | None = field(
         default=None,
@@ -170,14 +162,10 @@ class GuidanceGCPOConfig(GroupRLConfigMixin, GRPOConfig):
                 f"rank_y={self.rank_y} < rank_x={self.rank_x}: the weights would favour low-divergence tokens. "
                 "Use rank_y >= rank_x (rank_y == rank_x gives uniform weights)."
             )
-        if self.weights_from not in WEIGHTS_FROM:
-            raise ValueError(f"weights_from must be one of {WEIGHTS_FROM}, got {self.weights_from!r}")
+        check_choice("weights_from", self.weights_from, WEIGHTS_FROM)
         if not math.isfinite(self.entropy_penalty_coef):
             raise ValueError(f"entropy_penalty_coef must be a finite number, got {self.entropy_penalty_coef!r}")
-        if self.negative_prompt_type not in NEGATIVE_PROMPT_TYPES:
-            raise ValueError(
-                f"negative_prompt_type must be one of {NEGATIVE_PROMPT_TYPES}, got {self.negative_prompt_type!r}"
-            )
+        check_choice("negative_prompt_type", self.negative_prompt_type, NEGATIVE_PROMPT_TYPES)
         if self.negative_prompt_type == "custom":
             if not self.negative_template:
                 raise ValueError("negative_prompt_type='custom' needs negative_template, a format string with {prompt}")
@@ -195,8 +183,7 @@ class GuidanceGCPOConfig(GroupRLConfigMixin, GRPOConfig):
             )
         if not isinstance(self.credit_map_every, int) or self.credit_map_every < 0:
             raise ValueError(f"credit_map_every must be an integer >= 0, got {self.credit_map_every!r}")
-        if self.dual_clip is not None and not self.dual_clip > 1.0:
-            raise ValueError(f"dual_clip must be > 1 (or None to disable), got {self.dual_clip!r}")
+        check_dual_clip(self.dual_clip)
         if self.epsilon_high is not None and self.epsilon_high < 0:
             raise ValueError(f"epsilon_high must be >= 0, got {self.epsilon_high!r}")
         if self.loss_type != "dapo":
@@ -229,7 +216,7 @@ class GuidanceGCPOTrainer(GroupRLTrainer):
 
     config_class = GuidanceGCPOConfig
     algorithm_name = "GCPO-guidance"
-    paper = {"title": "Guidance Contrastive Token Credit Assignment for Discrete Policy Optimization", "id": "2605.29198"}
+    paper = card_paper("guidance")
     skip_key = "guidance_skip"
     skip_reason = (
         "the dynamic filter dropped every group (no group's mean accuracy is strictly between 0.01 and 0.99: "

@@ -35,6 +35,7 @@ from verl.utils import tensordict_utils as tu  # noqa: E402
 from verl.utils.checkpoint.checkpoint_manager import find_latest_ckpt_path  # noqa: E402
 from verl.utils.config import omega_conf_to_dataclass, validate_config  # noqa: E402
 from verl.utils.dataset.rl_dataset import collate_fn as rl_collate_fn  # noqa: E402
+from verl.utils.device import auto_set_device  # noqa: E402
 from verl.workers.utils.losses import ppo_loss  # noqa: E402
 from verl.workers.utils.padding import left_right_2_no_padding, no_padding_2_padding  # noqa: E402
 
@@ -159,6 +160,7 @@ class RayPPOTrainerHooks(RayPPOTrainer):
 
 __all__ = [
     "BaseTaskRunner",
+    "auto_set_device",
     "MIRRORED",
     "RayPPOTrainer",
     "SUPPORTED_VERL_VERSIONS",

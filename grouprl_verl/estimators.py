@@ -24,12 +24,14 @@ import torch
 from verl.trainer.ppo.core_algos import register_adv_est
 
 from grouprl_core import names
+from grouprl_core.algorithms import ALGORITHMS
 from grouprl_core.gpg import gpg_advantages
 from grouprl_core.grpo import grpo_advantages
 
 from .config import algo_options
 
-GPG, GCPO, COPO, GUIDANCE = "grouprl_gpg", "grouprl_gcpo", "grouprl_copo", "grouprl_guidance"
+# the registered names, from grouprl_core's table of algorithms
+GPG, GCPO, COPO, GUIDANCE = (ALGORITHMS[key].verl.adv_estimator for key in ("gpg", "gcpo_gold", "copo", "guidance"))
 ESTIMATOR_NAMES = (GPG, GCPO, COPO, GUIDANCE)
 
 LAST_METRICS: dict[str, float] = {}

@@ -22,15 +22,16 @@ from contextvars import ContextVar
 from typing import Any
 
 import torch
-import verl.utils.torch_functional as verl_F
 from verl.trainer.ppo.core_algos import register_policy_loss
 
+from grouprl_core.algorithms import ALGORITHMS
 from grouprl_core.copo import copo_token_loss
 from grouprl_core.losses import AGG_MODES, aggregate_token_loss, clipped_surrogate_loss, policy_gradient_loss
 
 from .config import loss_options
 
-PG, COPO, GUIDANCE = "grouprl_pg", "grouprl_copo", "grouprl_guidance"
+# the registered names, from grouprl_core's table of algorithms (GCPO-gold uses verl's own gspo loss)
+PG, COPO, GUIDANCE = (ALGORITHMS[key].verl.loss_mode for key in ("gpg", "copo", "guidance"))
 LOSS_NAMES = (PG, COPO, GUIDANCE)
 EXTRA_PREFIX = "grouprl_"
 LOG_RATIO_CLAMP = 20.0  # as verl's vanilla loss: exp() of a clamped log-ratio
@@ -103,12 +104,17 @@ def _clip_ranges(config) -> tuple[float, float, float]:
     return (clip if low is None else low), (clip if high is None else high), dual
 
 
+def _masked_mean(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Mean of ``values`` where ``mask`` is set, as verl's ``torch_functional.masked_mean`` (0.9.1) computes it."""
+    return torch.where(mask.bool(), values, 0.0).mul(mask).sum() / (mask.sum() + 1e-8)
+
+
 def _clip_metrics(ratio, log_ratio, advantages, mask, low, high) -> dict[str, float]:
     adv = advantages if advantages.dim() == 2 else advantages.unsqueeze(-1)
     clipped = ((ratio < 1 - low) & (adv < 0)) | ((ratio > 1 + high) & (adv > 0))
     return {
-        "actor/pg_clipfrac": verl_F.masked_mean(clipped.float().expand_as(mask), mask).item(),
-        "actor/ppo_kl": verl_F.masked_mean(-log_ratio, mask).item(),
+        "actor/pg_clipfrac": _masked_mean(clipped.float().expand_as(mask), mask).item(),
+        "actor/ppo_kl": _masked_mean(-log_ratio, mask).item(),
     }
 
 

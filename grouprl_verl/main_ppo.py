@@ -37,9 +37,8 @@ def run(config) -> None:
     """What ``main`` does with the composed config; mirrors ``verl.trainer.main_ppo.main``."""
     import ray
     from verl.trainer.main_ppo import run_ppo
-    from verl.utils.device import auto_set_device
 
-    from ._compat import need_critic, need_reference_policy, validate_config
+    from ._compat import auto_set_device, need_critic, need_reference_policy, validate_config
     from .runner import GroupRLTaskRunner
 
     check_config(config)

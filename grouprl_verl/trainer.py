@@ -44,6 +44,7 @@ import torch
 from omegaconf import OmegaConf
 from verl import DataProto
 
+from grouprl_core.algorithms import ALGORITHMS
 from grouprl_core.gold import render_gold
 from grouprl_core.groups import zero_variance_mask
 
@@ -58,9 +59,8 @@ from ._compat import (
 )
 from .config import algo_options
 
-ESTIMATOR_TO_ALGO = {
-    estimators.GPG: "gpg", estimators.GCPO: "gcpo", estimators.COPO: "copo", estimators.GUIDANCE: "guidance",
-}
+# registered estimator -> the algorithm's options block under algorithm.grouprl (gpg, gcpo, copo, guidance)
+ESTIMATOR_TO_ALGO = {algo.verl.adv_estimator: algo.verl.params for algo in ALGORITHMS.values()}
 GPG_STATE_FILE = "grouprl_gpg.pt"
 # verl only: the step's actor update was skipped (no learning signal). The TRL trainers skip the optimizer step
 # inside their loss and log the algorithm's own ``gpg/skipped_step`` / ``guidance/skipped_step``, which verl logs too.

@@ -1,13 +1,14 @@
 """The upstream contract of grouprl_trl: what grouprl_trl/_compat.py relies on in TRL's private API.
 
 Every check is named after the TRL symbol it pins, so an upgrade that changes one of them fails
-here, by name, before a trainer misbehaves. Also: no module of grouprl_trl other than _compat.py
-names a private TRL symbol (overrides, attribute reads, imports from TRL submodules).
+here, by name, before a trainer misbehaves. Also: no module of the project (grouprl*, bench) but the two
+_compat.py modules names a private TRL symbol (overrides, attribute reads, imports from TRL submodules).
 """
 
 from __future__ import annotations
 
 import ast
+import functools
 import inspect
 from collections import defaultdict, deque
 from pathlib import Path
@@ -64,6 +65,7 @@ OVERRIDDEN = {  # TRL method -> its parameters; TRLHooks overrides each with a o
 CALLED = {  # TRL method -> the parameters we pass (a prefix of its parameters)
     "_tokenize_prompts": ["prompts"],
     "_get_output_dir": ["trial"],
+    "_generate_single_turn": ["prompt_ids"],  # wrap_rollouts (the benchmarks)
 }
 
 
@@ -197,7 +199,8 @@ def test_prepare_inputs_buffers_a_generation_batch(grpo):
 
 
 # ----------------------------------------------------------------------------- private names outside _compat
-def trl_private_names() -> set[str]:
+@functools.cache
+def trl_private_names() -> frozenset[str]:
     """Private names of TRL's GRPOTrainer (methods, class and instance attributes, inherited ones
     included) and of trl.trainer.utils."""
     names = {n for n in dir(GRPOTrainer) if n.startswith("_") and not n.startswith("__")}
@@ -207,7 +210,7 @@ def trl_private_names() -> set[str]:
                 if node.attr.startswith("_") and not node.attr.startswith("__"):
                     names.add(node.attr)
     names |= {n for n in vars(trl_utils) if n.startswith("_") and not n.startswith("__")}
-    return names
+    return frozenset(names)
 
 
 def private_trl_uses(path: Path, private: set[str]) -> list[str]:
@@ -245,6 +248,12 @@ def test_the_private_name_scan_catches_a_private_use(tmp_path):
     assert len(found) == 4, found
 
 
-@pytest.mark.parametrize("path", sorted(p.name for p in PACKAGE.glob("*.py") if p.name != "_compat.py"))
+REPO = PACKAGE.parent
+SCANNED = sorted(p.relative_to(REPO).as_posix() for folder in ("grouprl", "grouprl_core", "grouprl_trl", "grouprl_verl",
+                                                             "bench")
+                 for p in (REPO / folder).glob("*.py") if p.name != "_compat.py")
+
+
+@pytest.mark.parametrize("path", SCANNED)
 def test_no_module_but_compat_names_a_private_trl_symbol(path):
-    assert private_trl_uses(PACKAGE / path, trl_private_names()) == []
+    assert private_trl_uses(REPO / path, trl_private_names()) == []
