@@ -247,6 +247,24 @@ class GPGTrainer(GroupRLTrainer):
     paper = {"title": "GPG: A Simple and Strong Reinforcement Learning Baseline for Model Reasoning", "id": "2504.02546"}
     skip_key = "gpg_skip"
 
+    @property
+    def skip_reason(self) -> str:
+        """Why a GPG step is skipped and what to change (read by the base's skipped-step warnings)."""
+        args = self.args
+        if args.valid_threshold > 0:
+            rounds = (f"all {args.max_resample_rounds + 1} generation rounds of the batch (max_resample_rounds="
+                      f"{args.max_resample_rounds}) held no valid group")
+            more = "raise max_resample_rounds"
+        else:
+            rounds = "valid_threshold=0, so no extra generation round was tried"
+            more = "set valid_threshold > 0 (beta_th; GPG then generates extra rounds from fresh prompts)"
+        return (
+            f"no group in the batch has non-equal rewards (every completion of each prompt got the same reward, "
+            f"so every advantage is 0; {rounds}). Use prompts the model solves sometimes, check that the reward "
+            f"functions score these completions (a parser or length cut that always gives 0), raise "
+            f"num_generations (now {self.num_generations}), or {more}"
+        )
+
     def init_algorithm(self):
         if self.ref_model is not None:  # defensive: beta is validated to be 0 in GPGConfig
             raise RuntimeError("GPG must not create a reference model")
