@@ -21,7 +21,8 @@ What changes compared with GRPO:
   (the official code drops them).
 - a batch where every group is zero-variance skips the optimizer step for real: no
   backward, so no parameter has a gradient and AdamW leaves weights, moments and weight
-  decay untouched (``gpg/skipped_step``); such a step logs no ``gpg/alpha``.
+  decay untouched (``gpg/skipped_step``); such a step logs no ``gpg/alpha``, and the log warns with
+  :attr:`GPGTrainer.skip_reason` (which fields help).
 - the completions table (``log_completions``) lists the rows of the assembled batch with their
   GPG advantages (rows of several rounds and carried rows included).
 - checkpoints hold the carry buffer and the position of the private resampling sampler
@@ -394,7 +395,9 @@ class GPGTrainer(GroupRLTrainer):
         plan = plan_gpg_batch(round_valid, groups_local, carry_over=args.carry_over, carried_round=carry is not None)
         alpha = cumulative_alpha(count, groups_global) if args.valid_count == "global" else None
         self._log_all_rounds(round_rewards, marks)
-        if carry is None and len(rounds) == 1:  # the first round as generated: TRL's metrics and counts hold
+        # the first round as generated (no process holds carried groups): TRL's metrics and counts hold. Decided
+        # on values every process shares, since the other branch gathers (_trained_batch_stats).
+        if not any(carried_all) and len(round_rewards) == 1:
             merged, global_rewards = rounds[0], round_rewards[0]
         else:
             merged = self._select_groups(rounds, plan, plan.chosen)
