@@ -21,7 +21,8 @@ What changes compared with GRPO:
   (the official code drops them).
 - a batch where every group is zero-variance skips the optimizer step for real: no
   backward, so no parameter has a gradient and AdamW leaves weights, moments and weight
-  decay untouched (``gpg/skipped_step``); such a step logs no ``gpg/alpha``.
+  decay untouched (``gpg/skipped_step``); such a step logs no ``gpg/alpha``, and the log warns with
+  :attr:`GPGTrainer.skip_reason` (which fields help).
 - the completions table (``log_completions``) lists the rows of the assembled batch with their
   GPG advantages (rows of several rounds and carried rows included).
 - checkpoints hold the carry buffer and the position of the private resampling sampler
@@ -234,6 +235,24 @@ class GPGTrainer(GroupRLTrainer):
     paper = card_paper("gpg")
     skip_key = "gpg_skip"
 
+    @property
+    def skip_reason(self) -> str:
+        """Why a GPG step is skipped and what to change (read by the base's skipped-step warnings)."""
+        args = self.args
+        if args.valid_threshold > 0:
+            rounds = (f"all {args.max_resample_rounds + 1} generation rounds of the batch (max_resample_rounds="
+                      f"{args.max_resample_rounds}) held no valid group")
+            more = "raise max_resample_rounds"
+        else:
+            rounds = "valid_threshold=0, so no extra generation round was tried"
+            more = "set valid_threshold > 0 (beta_th; GPG then generates extra rounds from fresh prompts)"
+        return (
+            f"no group in the batch has non-equal rewards (every completion of each prompt got the same reward, "
+            f"so every advantage is 0; {rounds}). Use prompts the model solves sometimes, check that the reward "
+            f"functions score these completions (a parser or length cut that always gives 0), raise "
+            f"num_generations (now {self.num_generations}), or {more}"
+        )
+
     def init_algorithm(self):
         if self.ref_model is not None:  # defensive: beta is validated to be 0 in GPGConfig
             raise RuntimeError("GPG must not create a reference model")
@@ -363,9 +382,15 @@ class GPGTrainer(GroupRLTrainer):
         plan = plan_gpg_batch(round_valid, groups_local, carry_over=args.carry_over, carried_round=carry is not None)
         alpha = cumulative_alpha(count, groups_global) if args.valid_count == "global" else None
         self._log_all_rounds(round_rewards, marks)
+<<<<<<< ours
         # The first round as generated, on every process (carry is per process, so ask all of them: the
         # branch below holds a collective): TRL's metrics and counts hold.
         if sum(carried_all) == 0 and len(round_rewards) == 1:
+=======
+        # the first round as generated (no process holds carried groups): TRL's metrics and counts hold. Decided
+        # on values every process shares, since the other branch gathers (_trained_batch_stats).
+        if not any(carried_all) and len(round_rewards) == 1:
+>>>>>>> theirs
             merged, global_rewards = rounds[0], round_rewards[0]
         else:
             merged = self._select_groups(rounds, plan, plan.chosen)

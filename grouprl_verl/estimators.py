@@ -105,10 +105,11 @@ def compute_grouprl_gpg_advantage(token_level_rewards, response_mask, index=None
     result = gpg_advantages(rewards, group_ids, f_norm=opts.f_norm, use_age=opts.use_age, eps=opts.std_eps)
     LAST_METRICS.clear()
     LAST_METRICS.update({
-        names.GPG_ALPHA: result.alpha,
         names.GPG_VALID_FRACTION: result.valid_fraction,
         names.GPG_SKIPPED_STEP: float(result.skip_update),
     })
+    if not result.skip_update:  # as GPGTrainer: a skipped step has no step size to log
+        LAST_METRICS[names.GPG_ALPHA] = result.alpha
     advantages = _broadcast(result.advantages, response_mask)
     return advantages, advantages
 

@@ -421,6 +421,39 @@ def test_provenance_check_catches_a_stale_value(tmp_path, monkeypatch):
         test_provenance_tables_show_the_resolved_values(tmp_path)
 
 
+# The official GPG loop (docs/recipes.md, "GPG's official loop"): recipe field -> official value. The last two act
+# only when the threshold runs (valid_threshold > 0).
+GPG_OFFICIAL_LOOP = {"steps_per_generation": 1, "loss_normalization": "per_device"}
+GPG_OFFICIAL_THRESHOLD = {"valid_count": "global", "carry_over": False}
+
+
+def _provenance_rows_of(name: str) -> set[str]:
+    """Field cells of every provenance table that covers ``name``, and of the table a "differences from X" table
+    builds on."""
+    text = (DOCS / "recipes.md").read_text()
+    bases = dict(re.findall(r"^### Provenance: `([^`]+)` \(differences from (\w+)\)", text, re.M))
+    fields = set()
+    for names, rows in provenance_tables():
+        if name in names or bases.get(name) in names:
+            fields |= {cell for cell, _ in rows}
+    return fields
+
+
+def test_gpg_reproduction_recipes_select_the_official_loop(tmp_path):
+    """Every bundled GPG recipe that reproduces an official TRL run generates per micro-step, normalises per
+    device and, with the threshold, counts globally and drops the surplus; its provenance table has these rows."""
+    gpg = [n for n in recipes.recipe_paths()
+           if n.startswith("gpg_") and recipes.resolve(n)["backend"] == "trl"]
+    assert {"gpg_7b_simplerl", "gpg_rs1_1p5b", "gpg_rs3_1p5b", "gpg_math7b_age_betath"} <= set(gpg)
+    for name in gpg:
+        expected = dict(GPG_OFFICIAL_LOOP)
+        if _resolved_value(name, "valid_threshold", tmp_path) > 0:
+            expected |= GPG_OFFICIAL_THRESHOLD
+        for key, value in expected.items():
+            assert _resolved_value(name, key, tmp_path) == value, f"{name}: {key} must be {value!r} (official loop)"
+            assert f"`{key}`" in _provenance_rows_of(name), f"docs/recipes.md: no `{key}` row for {name}"
+
+
 def test_package_data_globs_cover_every_recipe_file():
     """A non-editable install ships exactly what pyproject's package-data lists."""
     text = (REPO / "pyproject.toml").read_text()

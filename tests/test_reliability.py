@@ -175,7 +175,7 @@ def test_gpg_many_zero_variance_steps_in_a_row_skip_and_leave_weights_alone(tmp_
     trainer.train()
     assert trainer.state.global_step == 5
     assert logged(trainer, "gpg/skipped_step") == [1.0] * 5
-    assert logged(trainer, "gpg/alpha") == []  # a skipped step has no step size to report (issue 12 item 7)
+    assert logged(trainer, "gpg/alpha") == []  # a skipped step has no step size to log (issue 12 item 7)
     assert all(math.isfinite(x) for x in logged(trainer, "loss"))
     for n, p in params_of(trainer).items():
         assert torch.equal(before[n], p), n

@@ -84,21 +84,34 @@ def test_guidance_warns_at_the_first_skip_then_every_n_in_a_row_and_counts_at_th
     assert (trainer.skipped_steps.skipped, trainer.skipped_steps.steps) == (6, 8)
 
 
-@pytest.mark.parametrize("grad_accum", [1, 2])
-def test_gpg_zero_variance_steps_are_reported_the_same_way(tmp_path, caplog, grad_accum):
+@pytest.mark.parametrize("grad_accum, valid_threshold", [(1, 0.0), (2, 0.0), (1, 0.6)])
+def test_gpg_zero_variance_steps_are_reported_the_same_way(tmp_path, caplog, grad_accum, valid_threshold):
+    calls = []
+
     def constant_reward(completions, **kwargs):
+        calls.append(len(completions))
         return [0.0] * len(completions)
 
     tok = build_tokenizer()
-    args = GPGConfig(**tiny_trainer_kwargs(tmp_path, max_steps=3, valid_threshold=0.0,
-                                           gradient_accumulation_steps=grad_accum))
+    args = GPGConfig(**tiny_trainer_kwargs(tmp_path, max_steps=3, valid_threshold=valid_threshold,
+                                           max_resample_rounds=2, gradient_accumulation_steps=grad_accum))
     trainer = GPGTrainer(model=build_tiny_model(tok, seed=0), reward_funcs=constant_reward, args=args,
                          train_dataset=build_toy_dataset(num_rows=64), processing_class=tok)
     with caplog.at_level(logging.INFO, logger=LOGGER):
         trainer.train()
     pattern = [True] * 3
-    assert parse(_messages(caplog), "GPG") == expected_warnings(pattern, trainer.skip_warning_every)
+    messages = _messages(caplog)
+    assert parse(messages, "GPG") == expected_warnings(pattern, trainer.skip_warning_every)
     assert (trainer.skipped_steps.skipped, trainer.skipped_steps.steps) == (3, 3)
+    # one generation per step without the threshold; 1 + max_resample_rounds rounds with it
+    assert len(calls) == 3 * (1 if valid_threshold == 0 else 3)
+    # the warnings say why in GPG's terms and name the fields that help
+    assert messages and all("no group in the batch has non-equal rewards" in m and "num_generations (now 4)" in m
+                            for m in messages)
+    if valid_threshold == 0:
+        assert all("set valid_threshold > 0" in m for m in messages)
+    else:
+        assert all("all 3 generation rounds" in m and "raise max_resample_rounds" in m for m in messages)
 
 
 def test_a_run_without_skips_says_nothing_above_info(tmp_path, caplog):

@@ -124,6 +124,7 @@ def test_gpg_options_group_norm_no_age_and_skip():
     assert adv[:4].tolist() == pytest.approx([0.25, -0.25, 0.25, -0.25])
     adv = advantages_of(make_batch([1, 1, 0, 0], 2), "grouprl_gpg")  # every group zero-variance
     assert torch.all(adv == 0) and estimators.LAST_METRICS["gpg/skipped_step"] == 1.0
+    assert "gpg/alpha" not in estimators.LAST_METRICS  # as TRL: no alpha on a skipped step (it logged 0 before)
 
 
 # ----------------------------------------------------------------------------- GRPO family

@@ -16,7 +16,7 @@ from verl import DataProto  # noqa: E402
 from verl.trainer.ppo.ray_trainer import compute_advantage  # noqa: E402
 
 import grouprl_verl.register  # noqa: E402,F401
-from grouprl_verl import hooks  # noqa: E402
+from grouprl_verl import estimators, hooks  # noqa: E402
 from grouprl_verl.config import COPOOptions, GCPOOptions, GPGOptions, GuidanceOptions  # noqa: E402
 
 PAD, EOS = 0, 99
@@ -321,3 +321,31 @@ def test_replace_in_place_writes_into_the_existing_storage():
     source = scored_batch([1, 0, 0, 1], 2, uid_prefix="z")
     hooks.replace_in_place(target, source)
     assert rm_ref[:, -1].tolist() == [1, 0, 0, 1] and uid_ref.tolist() == ["z0", "z0", "z1", "z1"]
+
+
+@pytest.mark.parametrize("round_rewards, bound", [
+    # V after each round: 1, 2, 5 -> the official loop stops after round 3 (5/4 >= 0.6), alpha 1/min(1, 5/4) = 1
+    ([[1, 0, 0, 0, 0, 0, 0, 0], [0, 0, 1, 0, 0, 0, 0, 0], [1, 0, 0, 1, 1, 0, 0, 0]], 20),
+    # the bound stops the loop at V = 2 of N = 4: alpha 1/min(1, 2/4) = 2
+    ([[1, 0, 0, 0, 0, 0, 0, 0], [0, 0, 0, 0, 0, 0, 0, 1], [1, 0, 1, 0, 1, 0, 1, 0]], 1),
+])
+def test_verl_gpg_threshold_and_alpha_equal_the_official_global_count(round_rewards, bound):
+    """verl's driver sees the whole batch, so its capped count is the official global one (README Fidelity):
+    the rounds run and the estimator's alpha on the assembled batch are the official loop's, re-derived here."""
+    threshold, n_groups = 0.6, 4
+    v, used = 0, 0  # naive official loop (GT7 554, 600, 625): running count of valid groups over the rounds
+    for used, rewards in enumerate(round_rewards[: bound + 1], start=1):
+        v += sum(rewards[2 * k] != rewards[2 * k + 1] for k in range(n_groups))
+        if v / n_groups >= threshold:
+            break
+    official_alpha = 1 / min(1, v / n_groups)
+
+    batches = [scored_batch(r, 2, uid_prefix=p) for r, p in zip(round_rewards, "pqr")]
+    extra = iter(batches[1:])
+    asm = hooks.GPGGroupAssembler(GPGOptions(valid_threshold=threshold, max_resample_rounds=bound, carry_over=False))
+    out, metrics = asm.assemble(batches[0], extra.__next__)
+    assert metrics["gpg/resample_rounds"] == used - 1
+    out.batch["token_level_rewards"] = out.batch["rm_scores"]
+    compute_advantage(out, adv_estimator="grouprl_gpg",
+                      config=OmegaConf.create({"adv_estimator": "grouprl_gpg", "grouprl": {}}))
+    assert estimators.LAST_METRICS["gpg/alpha"] == pytest.approx(official_alpha)
