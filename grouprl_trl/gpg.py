@@ -382,15 +382,9 @@ class GPGTrainer(GroupRLTrainer):
         plan = plan_gpg_batch(round_valid, groups_local, carry_over=args.carry_over, carried_round=carry is not None)
         alpha = cumulative_alpha(count, groups_global) if args.valid_count == "global" else None
         self._log_all_rounds(round_rewards, marks)
-<<<<<<< ours
-        # The first round as generated, on every process (carry is per process, so ask all of them: the
-        # branch below holds a collective): TRL's metrics and counts hold.
-        if sum(carried_all) == 0 and len(round_rewards) == 1:
-=======
         # the first round as generated (no process holds carried groups): TRL's metrics and counts hold. Decided
         # on values every process shares, since the other branch gathers (_trained_batch_stats).
         if not any(carried_all) and len(round_rewards) == 1:
->>>>>>> theirs
             merged, global_rewards = rounds[0], round_rewards[0]
         else:
             merged = self._select_groups(rounds, plan, plan.chosen)
