@@ -461,3 +461,16 @@ def test_package_data_globs_cover_every_recipe_file():
     for path in recipes.RECIPES_DIR.rglob("*.yaml"):
         rel = path.relative_to(REPO / "grouprl")
         assert any(rel.match(g) for g in globs), f"{rel} is not covered by package-data {globs}"
+
+
+@pytest.mark.parametrize("name", sorted(recipes.recipe_paths()))
+def test_every_data_source_a_recipe_names_can_be_prepared(name):
+    """The preflight tells users to run `grouprl data prepare <name>`: the name must be a real source."""
+    from grouprl.data import SOURCES
+
+    recipe = recipes.resolve(name)
+    named = [recipe["dataset_prepare"]] if recipe.get("dataset_prepare") else []
+    for item in recipe.get("prepare") or []:
+        named.append(item["name"] if isinstance(item, dict) else str(item).split()[0])  # "NAME --out DIR ..."
+    unknown = [n for n in named if n not in SOURCES]
+    assert not unknown, f"{name}: no `grouprl data prepare` source {unknown}; sources: {sorted(SOURCES)}"
