@@ -33,6 +33,7 @@ from trl import GRPOConfig
 
 from grouprl_core.algorithms import ALGORITHMS
 from grouprl_core.losses import aggregate_token_loss, k3_kl
+from grouprl_core.skips import DEFAULT_WARNING_EVERY, SkipReport
 
 from ._compat import (
     PolicyOutput,
@@ -125,7 +126,7 @@ class GroupRLTrainer(TRLHooks):
     algorithm_name: ClassVar[str] = "GRPO"
     skip_key: ClassVar[str | None] = None
     skip_reason: ClassVar[str] = "the algorithm found nothing to learn from in the batch"
-    skip_warning_every: ClassVar[int] = 10  # warn again after this many skipped steps in a row
+    skip_warning_every: ClassVar[int] = DEFAULT_WARNING_EVERY  # warn again after this many skipped steps in a row
 
     def __init__(self, model, reward_funcs=None, args=None, **kwargs):
         args = self.resolve_args(model, args)
@@ -339,8 +340,13 @@ class GroupRLTrainer(TRLHooks):
 
 
 # ----------------------------------------------------------------------------- skipped steps
+# the first warning's last sentence: what a skipped step means in TRL's loop
+TRL_SKIP_NOTE = "A skipped step counts for global_step and the learning-rate schedule but changes no weight."
+
+
 class SkippedStepReport(TrainerCallback):
-    """Counts the optimizer steps a trainer skipped and says so (main process only).
+    """Tells :class:`grouprl_core.skips.SkipReport` which optimizer steps a trainer skipped and logs what it
+    says (main process only).
 
     A step is skipped when every micro-batch of it carried the trainer's ``skip_key`` (the skip is
     decided on all processes' rows, so every process agrees). Warnings: at the first skipped step,
@@ -351,43 +357,35 @@ class SkippedStepReport(TrainerCallback):
 
     def __init__(self, trainer: GroupRLTrainer):
         self.trainer = trainer
-        self.skipped = 0  # optimizer steps skipped in this call of train()
-        self.steps = 0  # optimizer steps seen in this call of train()
-        self.in_a_row = 0
+        self.report = self._new_report()
         self._micro: list[bool] = []  # skip flag of each micro-batch of the current optimizer step
+
+    def _new_report(self) -> SkipReport:
+        t = self.trainer
+        return SkipReport(t.algorithm_name, t.skip_reason, every=t.skip_warning_every, note=TRL_SKIP_NOTE)
+
+    # counts of the current call of train()
+    skipped = property(lambda self: self.report.skipped)
+    steps = property(lambda self: self.report.steps)
+    in_a_row = property(lambda self: self.report.in_a_row)
 
     def micro_batch(self, skipped: bool) -> None:
         self._micro.append(bool(skipped))
 
-    def _say(self, message: str, level: int = logging.WARNING) -> None:
-        if self.trainer.accelerator.is_main_process:
+    def _say(self, message: str | None, level: int = logging.WARNING) -> None:
+        if message is not None and self.trainer.accelerator.is_main_process:
             logger.log(level, message)
 
     def on_train_begin(self, args, state, control, **kwargs):
-        self.skipped = self.steps = self.in_a_row = 0
+        self.report = self._new_report()  # reads skip_reason / skip_warning_every as they are now
         self._micro = []
 
     def on_step_end(self, args, state, control, **kwargs):
         micro, self._micro = self._micro, []
-        self.steps += 1
-        if not (micro and all(micro)):
-            self.in_a_row = 0
-            return
-        self.skipped += 1
-        self.in_a_row += 1
-        name, reason = self.trainer.algorithm_name, self.trainer.skip_reason
-        every = self.trainer.skip_warning_every
-        if self.skipped == 1:
-            self._say(f"{name} skipped optimizer step {state.global_step}: {reason}. A skipped step counts for "
-                      "global_step and the learning-rate schedule but changes no weight.")
-        elif self.in_a_row % every == 0:
-            first = state.global_step - self.in_a_row + 1
-            self._say(f"{name} skipped {self.in_a_row} optimizer steps in a row (steps {first}-{state.global_step}; "
-                      f"{self.skipped} of {self.steps} so far): {reason}.")
+        self._say(self.report.step(state.global_step, bool(micro) and all(micro)))
 
     def on_train_end(self, args, state, control, **kwargs):
-        if self.skipped:
-            self._say(f"{self.trainer.algorithm_name} skipped {self.skipped} of {self.steps} optimizer steps "
-                      f"({self.trainer.skip_reason}).")
+        if self.report.skipped:
+            self._say(self.report.summary())
         elif self.trainer.skip_key is not None:
-            self._say(f"{self.trainer.algorithm_name} skipped 0 of {self.steps} optimizer steps.", logging.INFO)
+            self._say(self.report.summary(), logging.INFO)

@@ -70,6 +70,23 @@ class GPGOptions:
         if not self.std_eps > 0:
             _fail(f"{path}.std_eps", f"must be > 0, got {self.std_eps!r}")
 
+    def skip_reason(self, rollout_n: int) -> str:
+        """Why a GPG update is skipped and which verl keys help (the skipped-step warnings of the trainer)."""
+        key = "algorithm.grouprl.gpg"
+        if self.valid_threshold > 0:
+            rounds = (f"all {self.max_resample_rounds + 1} generation rounds of the step ({key}.max_resample_rounds="
+                      f"{self.max_resample_rounds}) held no valid group")
+            more = f"raise {key}.max_resample_rounds"
+        else:
+            rounds = f"{key}.valid_threshold=0, so no extra generation round was tried"
+            more = f"set {key}.valid_threshold > 0 (beta_th; GPG then generates extra rounds from fresh prompts)"
+        return (
+            f"no group in the batch has non-equal rewards (every response of each prompt got the same reward, so "
+            f"every advantage is 0; {rounds}). Use prompts the model solves sometimes, check that the reward function "
+            f"scores these responses (a parser or length cut that always gives 0), raise actor_rollout_ref.rollout.n "
+            f"(now {rollout_n}), or {more}"
+        )
+
 
 @dataclass
 class GCPOOptions:
@@ -150,6 +167,18 @@ class GuidanceOptions:
             _fail(f"{path}.negative_prompt_type", f"must be one of {NEGATIVE_PROMPT_TYPES}, got {self.negative_prompt_type!r}")
         if self.negative_prompt_type == "custom" and not self.negative_template:
             _fail(f"{path}.negative_template", "negative_prompt_type='custom' needs a format string with {prompt}")
+
+    def skip_reason(self) -> str:
+        """Why a guidance update is skipped and which verl keys help (the skipped-step warnings of the trainer)."""
+        key = "algorithm.grouprl.guidance"
+        accuracy = (f"the reward score (or set {key}.accuracy_key to a reward extra holding it)"
+                    if self.accuracy_key is None else f"reward extra {key}.accuracy_key={self.accuracy_key!r}")
+        return (
+            f"the dynamic filter dropped every group (no group's mean accuracy is strictly between {self.filter_low} "
+            f"and {self.filter_high}: every prompt was solved by all or by none of its responses). Check that the "
+            f"accuracy, {accuracy}, is a 0/1 correctness score, use prompts the model solves sometimes, or set "
+            f"{key}.dynamic_filter=false"
+        )
 
 
 ALGO_OPTIONS = {"gpg": GPGOptions, "gcpo": GCPOOptions, "copo": COPOOptions, "guidance": GuidanceOptions}

@@ -24,7 +24,8 @@ hooks; ``fit`` itself is verl's:
   - GCPO-guidance: dynamic filter, one no-grad ``compute_log_prob`` pass of the responses behind the
     negative context, token weights on the advantages (:mod:`grouprl_verl.hooks`);
   - GPG / guidance: a batch without any learning signal skips the update for real (no optimizer
-    step, so weight decay does not move the weights either).
+    step, so weight decay does not move the weights either), with the warnings of
+    :class:`grouprl_core.skips.SkipReport` (the TRL trainers' rule); ``fit`` ends with their count.
   It also logs the grouprl metrics with the actor's.
 * ``after_save_checkpoint`` / ``after_load_checkpoint``: GPG's carry buffer and the position of its
   extra-round sampler travel with verl's checkpoint (``grouprl_gpg.pt`` in ``global_step_N``).
@@ -35,6 +36,7 @@ GPU parts (see ``grouprl_verl/README.md``).
 
 from __future__ import annotations
 
+import logging
 import os
 import uuid
 from functools import partial
@@ -44,9 +46,10 @@ import torch
 from omegaconf import OmegaConf
 from verl import DataProto
 
-from grouprl_core.algorithms import ALGORITHMS
+from grouprl_core.algorithms import ALGORITHMS, by_verl_estimator
 from grouprl_core.gold import render_gold
 from grouprl_core.groups import zero_variance_mask
+from grouprl_core.skips import SkipReport
 
 from . import estimators, hooks, losses
 from ._compat import (
@@ -62,6 +65,12 @@ from .config import algo_options
 # registered estimator -> the algorithm's options block under algorithm.grouprl (gpg, gcpo, copo, guidance)
 ESTIMATOR_TO_ALGO = {algo.verl.adv_estimator: algo.verl.params for algo in ALGORITHMS.values()}
 GPG_STATE_FILE = "grouprl_gpg.pt"
+logger = logging.getLogger(__name__)
+
+# the first skipped-step warning's last sentence: what a skipped update means in verl's fit (the worker's
+# train_batch, verl 0.9.1, steps the optimizer and the learning-rate scheduler; a skipped update never calls it)
+VERL_SKIP_NOTE = ("A skipped step counts for trainer.total_training_steps but sends nothing to the actor: no weight "
+                  "moves and the learning-rate schedule does not advance.")
 # verl only: the step's actor update was skipped (no learning signal). The TRL trainers skip the optimizer step
 # inside their loss and log the algorithm's own ``gpg/skipped_step`` / ``guidance/skipped_step``, which verl logs too.
 SKIPPED_UPDATE = "grouprl/skipped_update"
@@ -130,6 +139,26 @@ class GroupRLRayPPOTrainer(RayPPOTrainerHooks):
         self._resample_loader = None
         self._resample_iter = None
         self._generation_order = None  # GPG: the step's groups before _balance_batch reordered them
+        self.skip_report = self._make_skip_report()
+
+    def _make_skip_report(self) -> SkipReport | None:
+        """The skipped-step warnings (grouprl_core.skips, the rule TRL's trainers use) for GPG and guidance."""
+        if self.grouprl_algo == "gpg":
+            reason = self.grouprl_options.skip_reason(self.config.actor_rollout_ref.rollout.n)
+        elif self.grouprl_algo == "guidance":
+            reason = self.grouprl_options.skip_reason()
+        else:
+            return None
+        return SkipReport(by_verl_estimator(self.config.algorithm.adv_estimator).label, reason, note=VERL_SKIP_NOTE)
+
+    # ------------------------------------------------------------------ verl's training loop
+    def fit(self):
+        """verl's ``fit``, then the count of skipped updates (the line TRL logs when training ends)."""
+        self.skip_report = self._make_skip_report()  # counts this call of fit only
+        super().fit()
+        if self.skip_report is not None:
+            summary = self.skip_report.summary()
+            logger.log(logging.WARNING if self.skip_report.skipped else logging.INFO, summary)
 
     # ------------------------------------------------------------------ workers
     def init_workers(self):
@@ -301,6 +330,10 @@ class GroupRLRayPPOTrainer(RayPPOTrainerHooks):
         elif self.grouprl_algo == "gpg":
             rewards = hooks.outcome_rewards(batch).float()
             skip = bool(zero_variance_mask(rewards, hooks.batch_group_ids(batch, "grouprl_gpg")).all())
+        if self.skip_report is not None:
+            warning = self.skip_report.step(self.global_steps, skip)
+            if warning is not None:
+                logger.warning(warning)  # logging, not warnings.warn: a repeated warning must show each time
         if skip:  # no learning signal: no optimizer step at all
             metrics[SKIPPED_UPDATE] = 1.0
             return DataProto.from_single_dict(data={}, meta_info={"metrics": metrics})

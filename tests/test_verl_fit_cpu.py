@@ -55,11 +55,59 @@ def fit_env(tmp_path_factory):
     torch.set_num_threads(threads)
 
 
+class _LogRecords(logging.Handler):
+    def __init__(self):
+        super().__init__(logging.INFO)
+        self.messages: list[str] = []
+
+    def emit(self, record):
+        self.messages.append(record.getMessage())
+
+
 def fit(fit_env, name: str, config_name: str, reward: str, steps: int, extra: list[str]) -> S.FitRun:
     work = fit_env["root"] / name
     work.mkdir(exist_ok=True)
     overrides = S.fit_overrides(fit_env["model"], fit_env["parquet"], str(work), reward, steps) + extra
-    return S.run_fit(S.compose(config_name, overrides), str(work))
+    trainer_logger, records = logging.getLogger("grouprl_verl.trainer"), _LogRecords()
+    level = trainer_logger.level
+    trainer_logger.setLevel(logging.INFO)
+    trainer_logger.addHandler(records)
+    try:
+        run = S.run_fit(S.compose(config_name, overrides), str(work))
+    finally:
+        trainer_logger.removeHandler(records)
+        trainer_logger.setLevel(level)
+    run.log = records.messages
+    return run
+
+
+def expected_skip_log(name: str, skipped: list[bool], first_step: int = 1, every: int = 10) -> list[tuple]:
+    """Naive re-derivation of the skipped-step lines: ("first", step), ("run", step, run), then the count."""
+    out, total, run = [], 0, 0
+    for step, skip in enumerate(skipped, start=first_step):
+        if not skip:
+            run = 0
+            continue
+        total, run = total + 1, run + 1
+        if total == 1:
+            out.append(("first", step))
+        elif run % every == 0:
+            out.append(("run", step, run))
+    return out + [("count", total, len(skipped))]
+
+
+def skip_log(run: S.FitRun, name: str) -> list[tuple]:
+    found = []
+    for m in run.log:
+        if m.startswith(f"{name} skipped optimizer step "):
+            found.append(("first", int(m.split()[4].rstrip(":"))))
+        elif " optimizer steps in a row (steps " in m and m.startswith(f"{name} skipped "):
+            run_length, last = int(m.split()[2]), int(m.split("(steps ")[1].split(";")[0].split("-")[1])
+            found.append(("run", last, run_length))
+        elif m.startswith(f"{name} skipped ") and " optimizer steps" in m:
+            words = m.split()
+            found.append(("count", int(words[2]), int(words[4])))
+    return found
 
 
 def text(ids, mask=None) -> str:
@@ -229,6 +277,26 @@ def test_gpg_resume_restores_carry_buffer_and_resampling_position(gpg_run, fit_e
     torch.testing.assert_close(resumed.records.weight_syncs[-1][1], straight.records.weight_syncs[-1][1])
 
 
+def test_gpg_skipped_steps_are_reported_as_the_metrics_say(gpg_run):
+    skipped = [gpg_run.step_metrics(s)["gpg/skipped_step"] == 1.0 for s in STEPS]
+    assert skip_log(gpg_run, "GPG") == expected_skip_log("GPG", skipped)  # at least the count line
+
+
+def test_gpg_batches_without_signal_skip_with_a_warning_in_verl_keys(fit_env):
+    # gcpo_score never rewards the tiny random model: every group has equal rewards, every update is skipped
+    run = fit(fit_env, "gpg_skip", "grouprl_gpg", "gcpo_score", 2, ["++algorithm.grouprl.gpg.valid_threshold=0"])
+    assert [run.step_metrics(s)["gpg/skipped_step"] for s in (1, 2)] == [1.0, 1.0]
+    assert run.records.updates == [] and run.records.optimizer_steps == 0
+    assert skip_log(run, "GPG") == expected_skip_log("GPG", [True, True])
+    n = run.trainer.config.actor_rollout_ref.rollout.n
+    first, count = run.log[-2:]
+    assert first.startswith("GPG skipped optimizer step 1: no group in the batch has non-equal rewards")
+    assert f"raise actor_rollout_ref.rollout.n (now {n})" in first
+    assert "algorithm.grouprl.gpg.valid_threshold=0, so no extra generation round was tried" in first
+    assert "set algorithm.grouprl.gpg.valid_threshold > 0" in first
+    assert count.startswith("GPG skipped 2 of 2 optimizer steps (no group in the batch")
+
+
 # ============================================================================ GCPO-gold
 GOLD_TEMPLATE = "answer:{solution}"  # no space: the tiny tokenizer, reloaded from disk, drops spaces
 GOLD_LENGTH = len(GOLD_TEMPLATE.format(solution="42")) + 1  # two-digit answers, one token per character, eos
@@ -394,6 +462,15 @@ def test_guidance_step_without_signal_is_skipped_for_real(guidance_run):
     syncs = dict(run.records.weight_syncs)  # global_steps -> weights pushed at the end of that step
     assert torch.equal(syncs[0], syncs[1])  # step 1 left the weights alone (no weight decay either)
     assert not torch.equal(syncs[1], syncs[2])  # step 2 moved them
+    # the warning (grouprl_core.skips, the rule TRL uses) came out of verl's fit, in verl's keys
+    skipped = [run.step_metrics(s)["guidance/skipped_step"] == 1.0 for s in (1, 2)]
+    assert skipped == [True, False]
+    assert skip_log(run, "GCPO-guidance") == expected_skip_log("GCPO-guidance", skipped)
+    first, count = run.log[-2:]
+    assert first.startswith("GCPO-guidance skipped optimizer step 1: the dynamic filter dropped every group")
+    assert "strictly between 0.01 and 0.99" in first and "algorithm.grouprl.guidance.dynamic_filter=false" in first
+    assert "learning-rate schedule does not advance" in first
+    assert count.startswith("GCPO-guidance skipped 1 of 2 optimizer steps (the dynamic filter dropped every group")
 
 
 def test_guidance_negative_pass_runs_with_its_own_token_counts(guidance_run):

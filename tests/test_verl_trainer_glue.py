@@ -43,6 +43,8 @@ def make_trainer(algo):
     trainer.grouprl_algo = algo
     trainer.grouprl_options = algo_options(config.algorithm, algo)
     trainer.actor_rollout_wg = FakeActorWG()
+    trainer.skip_report = trainer._make_skip_report()  # what __init__ sets up
+    trainer.global_steps = 1
     return trainer
 
 

@@ -659,6 +659,7 @@ class FitRun:
     records: FitRecords
     metrics: list[dict]  # the Tracking file logger's lines: {"step": s, "data": {...}}
     rollout: CPUHybridRollout
+    log: list[str] = field(default_factory=list)  # grouprl_verl.trainer's log records (INFO and up) of the run
 
     def step_metrics(self, step: int) -> dict:
         (line,) = [m for m in self.metrics if m["step"] == step]
