@@ -16,7 +16,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from grouprl_core.algorithms import ALGORITHMS as GROUPRL_ALGORITHMS
-from grouprl_core.names import GOLD_SAMPLED_REWARD_MEAN, GPG_ALL_ROUNDS
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
@@ -44,7 +43,7 @@ def grouprl_spec(key: str, label: str | None = None, **kwargs) -> AlgoSpec:
     return AlgoSpec(label or algo.label, algo.trl_module, algo.trl_trainer, algo.trl_config, **kwargs)
 
 
-GPG_REWARD = GPG_ALL_ROUNDS + "reward"
+GPG_REWARD = GROUPRL_ALGORITHMS["gpg"].policy_reward_metric
 
 
 def gpg_variant(label: str, fields: dict) -> AlgoSpec:
@@ -74,7 +73,7 @@ ALGORITHMS: dict[str, AlgoSpec] = {
     "gpg_nocarry": gpg_variant("GPG, no carry-over (official)", {"carry_over": False}),
     "gpg_1round": gpg_variant("GPG, at most 1 extra round", {"max_resample_rounds": 1}),
     "gcpo_gold": grouprl_spec("gcpo_gold", fields={"gold_template": "{solution}"}, needs_solution=True,
-                              reward_key=GOLD_SAMPLED_REWARD_MEAN),
+                              reward_key=GROUPRL_ALGORITHMS["gcpo_gold"].policy_reward_metric),
     "copo": grouprl_spec("copo", fields={"answer_extractor": "grouprl_trl.tiny.toy_extract_answer"}),
     "guidance": grouprl_spec("guidance"),
 }

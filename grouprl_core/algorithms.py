@@ -10,6 +10,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from . import names
+
 
 @dataclass(frozen=True)
 class Paper:
@@ -43,6 +45,10 @@ class Algorithm:
     trl_trainer: str
     trl_config: str
     verl: VerlKeys
+    # the logged metric with the mean reward of the completions the policy generated, comparable across
+    # algorithms (TRL's "reward" is GCPO-gold's batch with the injected gold rows, GPG's trained batch,
+    # which its threshold fills with valid groups)
+    policy_reward_metric: str = "reward"
 
 
 ALGORITHMS: dict[str, Algorithm] = {
@@ -52,12 +58,14 @@ ALGORITHMS: dict[str, Algorithm] = {
               "ICLR 2026"),
         "grouprl_trl.gpg", "GPGTrainer", "GPGConfig",
         VerlKeys("grouprl_gpg", "grouprl_pg", "grouprl_gpg", "gpg"),
+        policy_reward_metric=names.GPG_ALL_ROUNDS + "reward",
     ),
     "gcpo_gold": Algorithm(
         "gcpo_gold", "GCPO-gold",
         Paper("Wu & Liu", "Group Contrastive Policy Optimization: When Contrast Fails, Go Gold", "2510.07790"),
         "grouprl_trl.gcpo", "GCPOTrainer", "GCPOConfig",
         VerlKeys("grouprl_gcpo", "gspo", "grouprl_gcpo", "gcpo"),  # verl's own GSPO loss
+        policy_reward_metric=names.GOLD_SAMPLED_REWARD_MEAN,
     ),
     "copo": Algorithm(
         "copo", "COPO",

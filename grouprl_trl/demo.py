@@ -161,6 +161,7 @@ def run_algorithm(algo: str, steps: int, seed: int, out_dir: Path, lr: float, sh
     completions: list[int] = []
     prompts_per_step = config.per_device_train_batch_size * config.world_size // config.num_generations
     train_start: list[float] = []
+    reward_metric = ALGORITHMS[algo].policy_reward_metric if algo in ALGORITHMS else GRPO.policy_reward_metric
     step_ends: list[float] = []  # wall clock at the end of each optimizer step
     cpu_ends: list[float] = []  # process CPU time (all threads) at the same moments
     bar = tqdm(total=steps, desc=f"{LABELS[algo]:>14}", disable=not show_progress, leave=True)
@@ -168,8 +169,8 @@ def run_algorithm(algo: str, steps: int, seed: int, out_dir: Path, lr: float, sh
     class ProgressCallback(TrainerCallback):
         def on_log(self, args, state, control, logs=None, **kwargs):
             if logs and "reward" in logs:
-                # GCPO-gold's "reward" includes the injected gold completions; compare the sampled rollouts
-                rewards.append(float(logs.get("gold/sampled_reward_mean", logs["reward"])))
+                # the policy's own samples: not GCPO-gold's injected gold rows, not GPG's selection of valid groups
+                rewards.append(float(logs.get(reward_metric, logs["reward"])))
                 if "gpg/resample_rounds" in logs:
                     extra_rounds.append(float(logs["gpg/resample_rounds"]))
                 # GPG logs the prompts it generated over all its rounds; the others generate one round

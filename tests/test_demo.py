@@ -3,6 +3,8 @@
 import json
 import math
 
+import pytest
+
 
 def test_demo_writes_table_plot_and_results(tmp_path, capsys):
     from grouprl_trl.demo import main
@@ -68,12 +70,29 @@ def test_demo_counts_every_generated_completion_including_gpg_rounds(tmp_path, m
         return model
 
     monkeypatch.setattr(tiny, "build_tiny_model", counting_model)
+    scored = []  # every reward the toy reward handed out, in order (each generated completion is scored once)
+    reward = tiny.toy_reward
+
+    def recording_reward(*args, **kwargs):
+        values = reward(*args, **kwargs)
+        scored.extend(values)
+        return values
+
+    recording_reward.__name__ = "toy_reward"
+    monkeypatch.setattr(tiny, "toy_reward", recording_reward)
     # at the start almost every group is all-wrong, so GPG's threshold (0.6) regenerates
     result = run_algorithm("gpg", 3, 0, tmp_path, 2e-3, show_progress=False)
     assert sum(result.extra_rounds) > 0  # the case this test is about: extra rounds happened
     assert len(result.completions) == 3
     assert sum(result.completions) == sum(generated)
     assert sum(result.completions) > 3 * 64  # more than one round of 8 prompts x 8 completions per step
+    # the curve is the mean reward of everything the policy generated in the step (all rounds), not of
+    # the trained batch GPG assembles from valid groups
+    assert len(scored) == sum(result.completions)
+    start = 0
+    for count, logged in zip(result.completions, result.rewards):
+        assert logged == pytest.approx(sum(scored[start:start + count]) / count, abs=1e-6)
+        start += count
 
 
 def test_demo_summary_costs_up_to_the_step_that_reaches_half():
