@@ -360,6 +360,7 @@ def verl_trainer(algo, tok, **options):
     trainer = object.__new__(GroupRLRayPPOTrainer)
     trainer.config, trainer.tokenizer = composed, tok
     trainer.grouprl_algo, trainer.grouprl_options = algo, algo_options(composed.algorithm, algo)
+    trainer.skip_report, trainer.global_steps = trainer._make_skip_report(), 1  # what __init__ / fit set up
     return trainer
 
 
