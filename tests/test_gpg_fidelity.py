@@ -15,14 +15,13 @@ text: ``PATTERN[r][group]`` says whether the group is valid (1, 0, 1, 0 by posit
 
 from __future__ import annotations
 
-import shutil
 
 import pytest
 import torch
 from conftest import tiny_trainer_kwargs
 
 from grouprl_trl import GPGConfig, GPGTrainer
-from grouprl_trl.tiny import build_tiny_model, build_tokenizer, build_toy_dataset, toy_reward
+from grouprl_trl.tiny import build_tiny_model, build_tokenizer, build_toy_dataset
 
 G = 4
 LETTERS = "abcdefghij"
@@ -245,32 +244,3 @@ def test_strategy_and_normalisation_fields_are_checked(tmp_path):
             GPGConfig(**tiny_trainer_kwargs(tmp_path, **{field: value}))
     with pytest.raises(ValueError, match="loss_agg_mode"):
         GPGConfig(**tiny_trainer_kwargs(tmp_path, loss_normalization="per_device", loss_agg_mode="seq-mean-token-mean"))
-
-
-# ----------------------------------------------------------------------------- damaged checkpoint state
-def _plain_trainer(out_dir, **overrides):
-    tok = build_tokenizer()
-    args = GPGConfig(**tiny_trainer_kwargs(out_dir, **overrides))
-    return GPGTrainer(model=build_tiny_model(tok), reward_funcs=toy_reward, args=args,
-                      train_dataset=build_toy_dataset(num_rows=64), processing_class=tok)
-
-
-@pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory):
-    out = tmp_path_factory.mktemp("run")
-    _plain_trainer(out, max_steps=1, save_strategy="steps", save_steps=1).train()
-    return out / "checkpoint-1"
-
-
-def test_a_loadable_file_that_is_not_a_gpg_state_names_the_file(checkpoint, tmp_path):
-    # (truncated files and objects torch refuses: tests/test_gpg_state_errors.py)
-    ckpt = tmp_path / "checkpoint-1"
-    shutil.copytree(checkpoint, ckpt)
-    state_file = ckpt / "gpg_state_rank0.pt"
-    torch.save({"step": 3}, state_file)
-    trainer = _plain_trainer(tmp_path / "resumed", max_steps=2, save_strategy="steps", save_steps=1)
-    with pytest.raises(ValueError) as info:
-        trainer.train(resume_from_checkpoint=str(ckpt))
-    message = str(info.value)
-    assert str(state_file) in message and "GPG state" in message, message
-    assert "weights_only" not in message, message

@@ -1,10 +1,7 @@
 """A damaged ``gpg_state_rank{R}.pt`` in a checkpoint: resuming fails with an error that names the
 file and what it holds, not torch's unpickling advice (``weights_only=False`` would be wrong here: the
-file is ours and damaged, not from an untrusted older format).
-
-Expected to fail until ``GPGTrainer._load_optimizer_and_scheduler`` (grouprl_trl/gpg.py, being
-refactored on another branch) wraps its ``torch.load`` of the GPG state; the message this test
-expects: the path of the file, "GPG state", and no "weights_only".
+file is ours and damaged, not from an untrusted older format). The message is the contract: the path
+of the file, "GPG state", and no "weights_only".
 """
 
 from __future__ import annotations
@@ -33,7 +30,7 @@ def checkpoint(tmp_path_factory):
     return out / "checkpoint-1"
 
 
-@pytest.mark.parametrize("damage", ["truncated", "foreign_object"])
+@pytest.mark.parametrize("damage", ["truncated", "foreign_object", "not_a_gpg_state"])
 def test_damaged_gpg_state_names_the_file(checkpoint, tmp_path, damage):
     import shutil
 
@@ -42,8 +39,10 @@ def test_damaged_gpg_state_names_the_file(checkpoint, tmp_path, damage):
     state_file = ckpt / "gpg_state_rank0.pt"
     if damage == "truncated":
         state_file.write_bytes(state_file.read_bytes()[:40])
-    else:  # a pickle torch's weights_only loader refuses (and would advise weights_only=False for)
+    elif damage == "foreign_object":  # a pickle torch's weights_only loader refuses (and would advise weights_only=False for)
         torch.save({"carry": datetime.date(2020, 1, 1), "resample_epoch": 0, "resample_consumed": 0}, state_file)
+    else:  # loads fine, but is not what GPG saves
+        torch.save({"step": 3}, state_file)
     trainer = _trainer(tmp_path / "resumed", max_steps=2, save_strategy="steps", save_steps=1)
     with pytest.raises(Exception) as info:  # the type is the trainer's choice; the message is the contract
         trainer.train(resume_from_checkpoint=str(ckpt))
