@@ -37,28 +37,18 @@ def require_vllm() -> None:
 
 
 def vllm_args(tmp_path, **overrides) -> dict:
-    """GRPOConfig fields for colocate vLLM on CPU with the tiny model (small batches, no bf16)."""
+    """GRPOConfig fields for colocate vLLM on CPU with the tiny model: the CPU tests' fields, plus vLLM."""
+    from conftest import tiny_trainer_kwargs
+
     kwargs = dict(
-        output_dir=str(tmp_path),
-        use_cpu=True,
-        report_to="none",
-        bf16=False,
-        gradient_checkpointing=False,
-        per_device_train_batch_size=8,
-        num_generations=4,
         max_completion_length=4,
         learning_rate=5e-2,  # large, so weights visibly move between steps
-        max_steps=2,
-        logging_steps=1,
-        save_strategy="no",
-        seed=0,
-        disable_tqdm=True,
         use_vllm=True,
         vllm_mode="colocate",
         vllm_gpu_memory_utilization=0.3,
     )
     kwargs.update(overrides)
-    return kwargs
+    return tiny_trainer_kwargs(tmp_path, **kwargs)
 
 
 def vllm_model(trainer):
