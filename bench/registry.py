@@ -40,14 +40,12 @@ class AlgoSpec:
 def grouprl_spec(key: str, label: str | None = None, **kwargs) -> AlgoSpec:
     """An entry for an algorithm of :data:`grouprl_core.algorithms.ALGORITHMS` (its label unless ``label``)."""
     algo = GROUPRL_ALGORITHMS[key]
-    return AlgoSpec(label or algo.label, algo.trl_module, algo.trl_trainer, algo.trl_config, **kwargs)
-
-
-GPG_REWARD = GROUPRL_ALGORITHMS["gpg"].policy_reward_metric
+    return AlgoSpec(label or algo.label, algo.trl_module, algo.trl_trainer, algo.trl_config,
+                    reward_key=algo.policy_reward_metric, **kwargs)
 
 
 def gpg_variant(label: str, fields: dict) -> AlgoSpec:
-    return grouprl_spec("gpg", label, fields=fields, reward_key=GPG_REWARD, variant=True)
+    return grouprl_spec("gpg", label, fields=fields, variant=True)
 
 
 ALGORITHMS: dict[str, AlgoSpec] = {
@@ -59,10 +57,9 @@ ALGORITHMS: dict[str, AlgoSpec] = {
     "dr_grpo": AlgoSpec("Dr. GRPO (TRL)", "trl", "GRPOTrainer", "GRPOConfig",
                         {"beta": 0.0, "loss_type": "dr_grpo", "scale_rewards": "none"}),
     "dapo": AlgoSpec("DAPO loss (TRL)", "trl", "GRPOTrainer", "GRPOConfig", {"beta": 0.0, "loss_type": "dapo"}),
-    # grouprl: the four algorithms of grouprl_core.algorithms. GPG's curve reads gpg/all_rounds/reward: every
-    # completion generated (TRL's "reward" there is the trained batch, which the valid-fraction threshold
-    # enriches with valid groups).
-    "gpg": grouprl_spec("gpg", reward_key=GPG_REWARD),
+    # grouprl: the four algorithms of grouprl_core.algorithms; each curve reads the table's policy_reward_metric
+    # (GPG: every completion generated, not the trained batch its threshold fills with valid groups)
+    "gpg": grouprl_spec("gpg"),
     # GPG variants for the resampling-cost study (issue 14): cheaper ways to reach beta_th, and no beta_th at all
     "gpg_missing": gpg_variant("GPG, missing_only rounds", {"resample_strategy": "missing_only"}),
     "gpg_expected": gpg_variant("GPG, expected rounds", {"resample_strategy": "expected"}),
@@ -72,8 +69,7 @@ ALGORITHMS: dict[str, AlgoSpec] = {
                                     {"valid_threshold": 0.3, "resample_strategy": "missing_only"}),
     "gpg_nocarry": gpg_variant("GPG, no carry-over (official)", {"carry_over": False}),
     "gpg_1round": gpg_variant("GPG, at most 1 extra round", {"max_resample_rounds": 1}),
-    "gcpo_gold": grouprl_spec("gcpo_gold", fields={"gold_template": "{solution}"}, needs_solution=True,
-                              reward_key=GROUPRL_ALGORITHMS["gcpo_gold"].policy_reward_metric),
+    "gcpo_gold": grouprl_spec("gcpo_gold", fields={"gold_template": "{solution}"}, needs_solution=True),
     "copo": grouprl_spec("copo", fields={"answer_extractor": "grouprl_trl.tiny.toy_extract_answer"}),
     "guidance": grouprl_spec("guidance"),
 }

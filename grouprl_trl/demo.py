@@ -28,13 +28,15 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from grouprl_core import names
 from grouprl_core.algorithms import ALGORITHMS, GRPO
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-ALGOS = (GRPO.key, *ALGORITHMS)  # grpo, gpg, gcpo_gold, copo, guidance
+DEMO_ALGORITHMS = {GRPO.key: GRPO, **ALGORITHMS}  # grpo, gpg, gcpo_gold, copo, guidance
+ALGOS = tuple(DEMO_ALGORITHMS)
 LABELS = {GRPO.key: f"{GRPO.label} (TRL)", **{key: algo.label for key, algo in ALGORITHMS.items()}}
 # config fields the toy task needs: its solution column is the bare answer digit, and COPO reads the answer
 # with the toy extractor
@@ -161,7 +163,7 @@ def run_algorithm(algo: str, steps: int, seed: int, out_dir: Path, lr: float, sh
     completions: list[int] = []
     prompts_per_step = config.per_device_train_batch_size * config.world_size // config.num_generations
     train_start: list[float] = []
-    reward_metric = ALGORITHMS[algo].policy_reward_metric if algo in ALGORITHMS else GRPO.policy_reward_metric
+    reward_metric = DEMO_ALGORITHMS[algo].policy_reward_metric
     step_ends: list[float] = []  # wall clock at the end of each optimizer step
     cpu_ends: list[float] = []  # process CPU time (all threads) at the same moments
     bar = tqdm(total=steps, desc=f"{LABELS[algo]:>14}", disable=not show_progress, leave=True)
@@ -171,10 +173,10 @@ def run_algorithm(algo: str, steps: int, seed: int, out_dir: Path, lr: float, sh
             if logs and "reward" in logs:
                 # the policy's own samples: not GCPO-gold's injected gold rows, not GPG's selection of valid groups
                 rewards.append(float(logs.get(reward_metric, logs["reward"])))
-                if "gpg/resample_rounds" in logs:
-                    extra_rounds.append(float(logs["gpg/resample_rounds"]))
+                if names.GPG_RESAMPLE_ROUNDS in logs:
+                    extra_rounds.append(float(logs[names.GPG_RESAMPLE_ROUNDS]))
                 # GPG logs the prompts it generated over all its rounds; the others generate one round
-                prompts = logs.get("gpg/generated_prompts", prompts_per_step)
+                prompts = logs.get(names.GPG_GENERATED_PROMPTS, prompts_per_step)
                 completions.append(round(prompts) * config.num_generations)
                 bar.update(1)
                 bar.set_postfix(reward=f"{sum(rewards[-20:]) / len(rewards[-20:]):.3f}")
